@@ -1,0 +1,1 @@
+"""Analyzers: each turns a decoded track into sidecar keys."""

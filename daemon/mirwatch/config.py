@@ -1,0 +1,259 @@
+"""Configuration: one TOML file, validated strictly into frozen dataclasses.
+
+Every section is a dataclass below; the loader walks their type hints, so a
+new option is one field with a default. Unknown keys and wrong types are
+errors that name the key (``essentia.treshold``) rather than being ignored,
+because a typo in a daemon's config otherwise shows up weeks later as
+"why is nothing happening".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_VAR = "MIRWATCH_CONFIG"
+DEFAULT_PATHS = (Path("/etc/mirwatch/config.toml"),)
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one line for the user."""
+
+
+@dataclass(frozen=True)
+class LibraryConfig:
+    roots: list[Path] = field(default_factory=list)
+    # inotify does not see changes made by other hosts on NFS/SMB mounts.
+    polling: bool = False
+    poll_interval: float = 10.0
+    # A file is queued once its size and mtime have not changed for this long.
+    settle_seconds: float = 5.0
+    # How often to scan the whole library for missed or stale tracks (0 = only at start).
+    rescan_interval: float = 0.0
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: Path = Path("/var/lib/mirwatch")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    dir: Path = Path("/var/lib/mirwatch/models")
+    # The manifest of real model files; default: the one shipped in the repo/package.
+    manifest: Path | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    # A job that failed (or crashed the daemon) this many times stays failed.
+    max_attempts: int = 3
+    # How many tracks the CPU stage may decode/analyse ahead of the GPU stage.
+    prefetch: int = 1
+    # A single job running longer than this counts as a hang: watchdog pings stop.
+    job_timeout: float = 1800.0
+    # On SIGTERM, how long to let the current job finish before requeueing it.
+    stop_grace: float = 20.0
+    # Longest audio analysed, in seconds; longer tracks are cut (memory stays bounded).
+    max_duration: float = 1200.0
+
+
+@dataclass(frozen=True)
+class EssentiaConfig:
+    enabled: bool = True
+    threshold: float = 0.1
+    top_k: int = 10
+    genre: bool = True
+    mood: bool = True
+    instrument: bool = True
+    danceability: bool = True
+    atonality: bool = True
+    # "effnet": heads on the shared Discogs-EffNet embeddings (fast);
+    # "vggish": the legacy AudioSet-VGGish classifiers (about 10x slower).
+    danceability_atonality: Literal["effnet", "vggish"] = "effnet"
+
+
+@dataclass(frozen=True)
+class FlamingoPrompt:
+    text: str
+    max_new_tokens: int = 200
+
+
+@dataclass(frozen=True)
+class FlamingoConfig:
+    enabled: Literal["auto", "on", "off"] = "auto"
+    model_id: str = "nvidia/music-flamingo-2601-hf"
+    revision: str = "main"
+    device: str = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: str = "sdpa"
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    prompts: dict[str, FlamingoPrompt] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    enabled: bool = True
+    rhythm: bool = True
+    loudness: bool = True
+    spectral: bool = True
+    bands: bool = True
+    chroma: bool = True
+    stems: bool = True
+    aesthetics: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    library: LibraryConfig = field(default_factory=LibraryConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    essentia: EssentiaConfig = field(default_factory=EssentiaConfig)
+    flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Environment defaults (PYTORCH_ALLOC_CONF, OMP_NUM_THREADS, ...) applied
+    # before torch/TensorFlow are imported; the real environment always wins.
+    env: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def queue_path(self) -> Path:
+        return self.state.dir / "queue.sqlite3"
+
+
+def locate(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: ``--config``, then ``$MIRWATCH_CONFIG``, then /etc."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    for candidate in (Path("config.toml"), *DEFAULT_PATHS):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no config file: pass --config or set {ENV_VAR}")
+
+
+def load(path: str | os.PathLike[str] | None = None, *, check_roots: bool = True) -> Config:
+    """Read and validate a config file. Raises `ConfigError` with one line."""
+    path = locate(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(raw, base=path.resolve().parent, source=path, check_roots=check_roots)
+
+
+def from_dict(
+    raw: dict[str, Any], *, base: Path, source: Path | None = None, check_roots: bool = True
+) -> Config:
+    where = str(source) if source else "config"
+    try:
+        cfg = _build(Config, {k: v for k, v in raw.items()}, "", base)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    cfg = dataclasses.replace(cfg, path=source.resolve() if source else None)
+    if check_roots:
+        if not cfg.library.roots:
+            raise ConfigError(f"{where}: library.roots is empty: name at least one folder to watch")
+        for root in cfg.library.roots:
+            if not root.is_dir():
+                raise ConfigError(f"{where}: library.roots: {str(root)!r} is not a directory")
+    if cfg.essentia.top_k < 1:
+        raise ConfigError(f"{where}: essentia.top_k must be at least 1")
+    if not 0.0 <= cfg.essentia.threshold <= 1.0:
+        raise ConfigError(f"{where}: essentia.threshold must be between 0 and 1")
+    if cfg.worker.max_attempts < 1:
+        raise ConfigError(f"{where}: worker.max_attempts must be at least 1")
+    if cfg.worker.prefetch < 0:
+        raise ConfigError(f"{where}: worker.prefetch must not be negative")
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown key {prefix + key!r}")
+    kwargs = {key: _convert(hints[key], value, prefix + key, base) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path (string)"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, key: str, base: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(options[0], value, key, base)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(item, v, f"{key}[{i}]", base) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return {str(k): _convert(item, v, f"{key}.{k}", base) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", base)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a path (string), got {value!r}")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (base / p).resolve()
+    raise ConfigError(f"{key}: unsupported option type {tp!r}")  # pragma: no cover
