@@ -1,0 +1,179 @@
+"""``mirwatch run``: the daemon's life from start to stop.
+
+Start: recover jobs a dead process left running, load every model once
+(systemd sees READY=1 only after that), start watching, start the worker,
+then reconcile the library with a scan so files that arrived while the
+daemon was down are not lost. Run: keep systemd's STATUS= current and ping
+its watchdog while the worker is healthy. Stop (SIGTERM/SIGINT): STOPPING=1,
+stop watching, finish or give back the jobs in flight, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import notify, reconcile
+from .analyzers.base import ModelLoadError
+from .config import Config
+from .pipeline import Pipeline
+from .queue import SQLiteQueue
+from .watcher import LibraryWatcher
+from .worker import Worker
+
+EXIT_MODELS = 3
+FINGERPRINTS_FILE = "fingerprints.json"
+
+
+def open_queue(cfg: Config, log: Any) -> SQLiteQueue:
+    """Open the queue; a corrupt database is moved aside and rebuilt by the scan."""
+    path = cfg.queue_path
+    try:
+        return SQLiteQueue(path, max_attempts=cfg.worker.max_attempts)
+    except sqlite3.DatabaseError as exc:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            side = Path(str(path) + suffix)
+            if side.exists():
+                os.replace(side, Path(f"{path}{suffix}.corrupt-{stamp}"))
+        log.error("queue_corrupt", path=str(path), error=str(exc),
+                  detail="moved aside; rebuilding the queue from a library scan")
+        return SQLiteQueue(path, max_attempts=cfg.worker.max_attempts)
+
+
+def save_fingerprints(cfg: Config, fingerprints: dict[str, str], stem_users: frozenset[str]) -> None:
+    """For ``mirwatch scan`` in another process: what "up to date" means right now."""
+    from .sidecar import write_atomic
+
+    data = {"fingerprints": fingerprints, "stem_users": sorted(stem_users)}
+    write_atomic(cfg.state.dir / FINGERPRINTS_FILE, json.dumps(data, indent=2).encode())
+
+
+def load_fingerprints(cfg: Config) -> tuple[dict[str, str] | None, frozenset[str]]:
+    try:
+        data = json.loads((cfg.state.dir / FINGERPRINTS_FILE).read_text())
+        return dict(data["fingerprints"]), frozenset(data.get("stem_users", []))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, frozenset()
+
+
+class Daemon:
+    def __init__(self, cfg: Config, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self._stop = threading.Event()
+        self._status = ""
+
+    def request_stop(self, signum: int, _frame: Any = None) -> None:
+        self.log.info("stop_requested", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    def run(self) -> int:
+        cfg, log = self.cfg, self.log
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        cfg.state.dir.mkdir(parents=True, exist_ok=True)
+        log.info("starting", config=str(cfg.path), roots=[str(r) for r in cfg.library.roots],
+                 state_dir=str(cfg.state.dir), models_dir=str(cfg.models.dir), pid=os.getpid())
+
+        jobs = open_queue(cfg, log)
+        requeued, failed = jobs.recover()
+        if requeued or failed:
+            log.warning("recovered_jobs", requeued=requeued, failed=failed,
+                        detail="jobs left running by a previous process")
+
+        notify.notify("STATUS=loading models")
+        pipeline = Pipeline(cfg, log)
+        try:
+            pipeline.load()
+        except ModelLoadError as exc:
+            log.error("model_error", error=str(exc))
+            notify.notify(f"STATUS=model error: {exc}")
+            jobs.close()
+            return EXIT_MODELS
+        save_fingerprints(cfg, pipeline.fingerprints, pipeline.stem_users)
+
+        worker = Worker(pipeline, jobs, log)
+
+        def on_ready(path: Path, reason: str, rerun: bool) -> None:
+            try:
+                ident = reconcile.file_identity(path)
+            except OSError:
+                return
+            outcome = jobs.enqueue(path, ident["size"], ident["mtime_ns"], reason=reason, rerun=rerun)
+            if outcome != "unchanged":
+                log.info("job_queued", path=str(path), reason=reason, outcome=outcome,
+                         queue_depth=jobs.counts()["queued"])
+                worker.wake()
+
+        watcher = LibraryWatcher(cfg.library.roots, on_ready, log, settle_seconds=cfg.library.settle_seconds,
+                                 polling=cfg.library.polling, poll_interval=cfg.library.poll_interval)
+        watcher.start()
+        worker.start()
+        notify.notify("READY=1")
+        log.info("ready", analyzers=[a.name for a in pipeline.analyzers], queue=jobs.counts())
+
+        scanner = threading.Thread(target=self._scan, args=(pipeline, jobs, worker), daemon=True,
+                                   name="mirwatch-scan")
+        scanner.start()
+        self._loop(jobs, worker, pipeline, scanner)
+
+        notify.notify("STOPPING=1")
+        log.info("stopping", grace=cfg.worker.stop_grace)
+        watcher.stop()
+        released = worker.stop(cfg.worker.stop_grace)
+        for job in released:
+            log.info("job_requeued", job_id=job.id, path=str(job.path), reason="daemon stopping")
+        pipeline.close()
+        log.info("stopped", queue=jobs.counts(), done=worker.done_count, failed=worker.failed_count)
+        jobs.close()
+        return 0
+
+    def _scan(self, pipeline: Pipeline, jobs: SQLiteQueue, worker: Worker) -> None:
+        try:
+            counts = reconcile.scan(self.cfg.library.roots, jobs, pipeline.fingerprints,
+                                    stem_users=pipeline.stem_users, log=self.log)
+        except Exception as exc:  # noqa: BLE001 - a failed scan must not take the daemon down
+            self.log.error("scan_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self.log.info("scan_done", **counts, queue_depth=jobs.counts()["queued"])
+        worker.wake()
+
+    def _loop(self, jobs: SQLiteQueue, worker: Worker, pipeline: Pipeline, scanner: threading.Thread) -> None:
+        ping_every = notify.watchdog_interval()
+        tick = min(1.0, ping_every) if ping_every else 1.0
+        rescan_every = self.cfg.library.rescan_interval
+        next_rescan = time.monotonic() + rescan_every if rescan_every > 0 else float("inf")
+        complained = False
+        while not self._stop.wait(tick):
+            self._update_status(jobs, worker)
+            healthy, why = worker.healthy()
+            if healthy:
+                if ping_every:
+                    notify.notify("WATCHDOG=1")
+                complained = False
+            elif not complained:
+                # Without pings systemd kills and restarts us; the job is retried.
+                self.log.error("worker_unhealthy", error=why, detail="watchdog pings stopped")
+                complained = True
+            if time.monotonic() >= next_rescan and not scanner.is_alive():
+                scanner = threading.Thread(target=self._scan, args=(pipeline, jobs, worker), daemon=True,
+                                           name="mirwatch-scan")
+                scanner.start()
+                next_rescan = time.monotonic() + rescan_every
+
+    def _update_status(self, jobs: SQLiteQueue, worker: Worker) -> None:
+        counts = jobs.counts()
+        current = worker.current()
+        status = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
+        if current:
+            status += f"; analysing {current[0].path.parent.name}"
+        if status != self._status:
+            self._status = status
+            notify.notify(f"STATUS={status}")

@@ -1,0 +1,217 @@
+"""The worker: jobs stream from the queue through the resident models.
+
+Two threads share one `Pipeline`. The *prepare* thread claims a job, decodes
+it and runs the CPU analyzers (Essentia, numeric features); the *infer*
+thread runs the GPU analyzers (Music Flamingo, aesthetics) and writes the
+sidecar. A semaphore bounds how far prepare may run ahead (``prefetch``), so
+memory stays bounded whatever the queue holds.
+
+Stopping: no new claims; jobs in flight get ``stop_grace`` seconds, then
+their cancel flag is set (analyzers check it between steps) and whatever is
+still unfinished goes back to the queue untouched. A job is only ever
+completed and its sidecar written under `_commit`, so a job given back at
+shutdown can no longer write.
+"""
+
+from __future__ import annotations
+
+import queue as stdlib_queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from .analyzers.base import AnalysisError, Cancelled
+from .audio import DecodeError
+from .pipeline import Pipeline, Prepared
+from .queue import Job, JobQueue
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    started: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stage: str = "prepare"
+    abandoned: bool = False
+
+
+class Worker:
+    def __init__(self, pipeline: Pipeline, jobs: JobQueue, log: Any) -> None:
+        self.pipeline = pipeline
+        self.jobs = jobs
+        self.log = log
+        cfg = pipeline.cfg.worker
+        self.job_timeout = cfg.job_timeout
+        self._slots = threading.Semaphore(cfg.prefetch + 1)
+        self._handoff: stdlib_queue.Queue[tuple[_InFlight, Prepared]] = stdlib_queue.Queue()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._commit = threading.Lock()
+        self._in_flight: dict[int, _InFlight] = {}
+        self._threads: list[threading.Thread] = []
+        self.done_count = 0
+        self.failed_count = 0
+
+    # -- control ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, target in (("prepare", self._prepare_loop), ("infer", self._infer_loop)):
+            thread = threading.Thread(target=target, name=f"mirwatch-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New work may be queued: stop waiting."""
+        self._wake.set()
+
+    def stop(self, grace: float) -> list[Job]:
+        """Stop within about `grace` seconds; returns the jobs given back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            for flight in list(self._in_flight.values()):
+                flight.cancel.set()
+            for thread in self._threads:
+                thread.join(min(5.0, max(1.0, grace / 4)))
+        released = []
+        with self._commit:
+            for flight in list(self._in_flight.values()):
+                flight.abandoned = True
+                self.jobs.release(flight.job)
+                released.append(flight.job)
+            self._in_flight.clear()
+        return released
+
+    # -- health -----------------------------------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        """False when a thread died or a job has run past ``job_timeout`` (a hang)."""
+        if not self._stop.is_set():
+            for thread in self._threads:
+                if not thread.is_alive():
+                    return False, f"worker thread {thread.name} died"
+        now = time.monotonic()
+        for flight in list(self._in_flight.values()):
+            if now - flight.started > self.job_timeout:
+                return False, f"job {flight.job.id} running for {now - flight.started:.0f} s (job_timeout)"
+        return True, ""
+
+    def current(self) -> list[Job]:
+        return [f.job for f in list(self._in_flight.values())]
+
+    # -- threads ----------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._slots.acquire(timeout=0.5):
+                continue
+            job = None if self._stop.is_set() else self.jobs.claim()
+            if job is None:
+                self._slots.release()
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            flight = _InFlight(job)
+            self._in_flight[job.id] = flight
+            log = self.log.bind(job_id=job.id, path=str(job.path))
+            log.info("job_started", attempt=job.attempts, reason=job.reason,
+                     queue_depth=self.jobs.counts()["queued"])
+            try:
+                selected = self.pipeline.select(job.path, force=job.force)
+                if not selected:
+                    self._finish(flight, log, outcome="up_to_date")
+                    continue
+                prepared = self.pipeline.prepare(job.path, selected, flight.cancel)
+            except BaseException as exc:  # noqa: BLE001 - every failure is the job's, not the thread's
+                self._failed(flight, log, exc)
+                continue
+            flight.stage = "queued_for_infer"
+            self._handoff.put((flight, prepared))
+
+    def _infer_loop(self) -> None:
+        while True:
+            try:
+                flight, prepared = self._handoff.get(timeout=0.25)
+            except stdlib_queue.Empty:
+                if self._stop.is_set() and not self._threads[0].is_alive():
+                    return
+                continue
+            log = self.log.bind(job_id=flight.job.id, path=str(flight.job.path))
+            if flight.abandoned or self._stop.is_set():
+                self._finish(flight, log, outcome=None)  # released by stop()
+                continue
+            flight.stage = "infer"
+            try:
+                self._write(flight, prepared, log)
+            except BaseException as exc:  # noqa: BLE001
+                self._failed(flight, log, exc)
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def _write(self, flight: _InFlight, prepared: Prepared, log: Any) -> None:
+        def corrupt(moved: Any, reason: str) -> None:
+            log.warning("sidecar_corrupt", moved_to=str(moved), error=reason)
+
+        # Flamingo etc. run outside the commit lock; only the write is inside.
+        self.pipeline.infer(prepared)
+        with self._commit:
+            if flight.abandoned:
+                return
+            path = self.pipeline.write(prepared, on_corrupt=corrupt)
+            self.jobs.complete(flight.job)
+            self._in_flight.pop(flight.job.id, None)
+        self._slots.release()
+        self.done_count += 1
+        total = time.monotonic() - prepared.started
+        duration = prepared.track.audio.duration
+        log.info("sidecar_written", sidecar=str(path))
+        log.info("job_done", seconds=round(total, 3), audio_seconds=round(duration, 2),
+                 realtime_factor=round(duration / total, 1) if total else None,
+                 analyzers=sorted(prepared.results), queue_depth=self.jobs.counts()["queued"])
+
+    def _finish(self, flight: _InFlight, log: Any, *, outcome: str | None) -> None:
+        with self._commit:
+            if outcome and not flight.abandoned:
+                self.jobs.complete(flight.job)
+                log.info("job_done", outcome=outcome, queue_depth=self.jobs.counts()["queued"])
+            self._in_flight.pop(flight.job.id, None)
+        self._slots.release()
+
+    def _failed(self, flight: _InFlight, log: Any, exc: BaseException) -> None:
+        with self._commit:
+            if flight.abandoned:
+                pass
+            elif isinstance(exc, Cancelled):
+                self.jobs.release(flight.job)
+                log.info("job_requeued", reason="daemon stopping")
+            else:
+                permanent, reason = _describe(exc, flight.job)
+                state = self.jobs.fail(flight.job, reason, permanent=permanent)
+                self.failed_count += state == "failed"
+                fields = {"traceback": traceback.format_exc(limit=8)} if not permanent else {}
+                log.error("job_failed", error=reason, state=state, attempt=flight.job.attempts,
+                          queue_depth=self.jobs.counts()["queued"], **fields)
+            self._in_flight.pop(flight.job.id, None)
+        self._slots.release()
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt/SystemExit: not ours to swallow
+
+
+def _describe(exc: BaseException, job: Job) -> tuple[bool, str]:
+    """(permanent?, one-line reason). Bad input is permanent; the rest may be transient."""
+    if isinstance(exc, DecodeError):
+        return True, str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return True, f"{job.path.name}: file vanished before it could be analysed"
+    if isinstance(exc, PermissionError):
+        return False, f"permission denied: {exc.filename or exc}"
+    if isinstance(exc, AnalysisError):
+        return False, str(exc)
+    if isinstance(exc, OSError):
+        return False, f"{type(exc).__name__}: {exc}"
+    return False, f"internal error: {type(exc).__name__}: {exc}"
