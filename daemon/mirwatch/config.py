@@ -90,19 +90,79 @@ class FlamingoPrompt:
     max_new_tokens: int = 200
 
 
+def _default_flamingo_prompts() -> dict[str, FlamingoPrompt]:
+    # Same wording as docs/flamingo-prompts.toml; a [flamingo.prompts] table in
+    # config.toml replaces this whole set (so a prompt can also be dropped).
+    return {
+        "full": FlamingoPrompt(
+            "Describe this piece of music completely: its genre and subgenre, the tempo in BPM, "
+            "the key and mode, every instrument and voice you can hear, how it is produced and "
+            "mixed, and the mood it leaves the listener in. Write it as flowing prose.",
+            500,
+        ),
+        "technical": FlamingoPrompt(
+            "Give a compact technical breakdown of this recording as a music critic would: "
+            "tempo, key, how the chords move, the textures, the dynamics and the production "
+            "techniques. Be precise and brief.",
+            200,
+        ),
+        "genre_mood": FlamingoPrompt(
+            "In one or two sentences that could serve as a prompt for a text-to-music model, "
+            "name the genre and subgenre of this music and describe its emotional character.",
+            150,
+        ),
+        "instrumentation": FlamingoPrompt(
+            "Which instruments and timbres do you hear in this music? Answer with a short "
+            "comma-separated list and nothing else.",
+            100,
+        ),
+        "structure": FlamingoPrompt(
+            "Walk through the form of this piece section by section: where each part begins, "
+            "how the transitions are made, and how the energy builds and releases over time.",
+            300,
+        ),
+    }
+
+
 @dataclass(frozen=True)
 class FlamingoConfig:
     enabled: Literal["auto", "on", "off"] = "auto"
     model_id: str = "nvidia/music-flamingo-2601-hf"
     revision: str = "main"
+    # "auto": the first CUDA/ROCm GPU if there is one, else the CPU.
     device: str = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # "sdpa", "flash_attention_2", "eager", or "auto" (flash-attention when installed on a GPU).
     attn_implementation: str = "sdpa"
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
+    repetition_penalty: float = 1.0
     seed: int = 0
-    prompts: dict[str, FlamingoPrompt] = field(default_factory=dict)
+    # Upper bound on the decoder's key/value cache, in MiB (0 = none). Going
+    # over it is handled like running out of GPU memory: the batch is retried
+    # one prompt at a time. Keeps Flamingo inside its share of a shared GPU.
+    kv_cache_limit_mb: float = 0.0
+    prompts: dict[str, FlamingoPrompt] = field(default_factory=_default_flamingo_prompts)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ConfigError("flamingo.prompts is empty: give at least one prompt or set flamingo.enabled = \"off\"")
+        for name, prompt in self.prompts.items():
+            if not name.replace("_", "").isalnum() or not name.isascii() or name != name.lower():
+                raise ConfigError(f"flamingo.prompts.{name}: prompt names must be lowercase letters, digits and _")
+            if not prompt.text.strip():
+                raise ConfigError(f"flamingo.prompts.{name}.text is empty")
+            if prompt.max_new_tokens < 1:
+                raise ConfigError(f"flamingo.prompts.{name}.max_new_tokens must be at least 1")
+        if self.attn_implementation not in ("auto", "sdpa", "flash_attention_2", "eager"):
+            raise ConfigError(
+                "flamingo.attn_implementation must be one of 'auto', 'sdpa', 'flash_attention_2', 'eager'"
+            )
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError("flamingo: sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.repetition_penalty <= 0 or self.kv_cache_limit_mb < 0:
+            raise ConfigError("flamingo: repetition_penalty must be > 0 and kv_cache_limit_mb >= 0")
 
 
 @dataclass(frozen=True)
