@@ -107,8 +107,11 @@ def track_beats(mono44: np.ndarray, onsets: Onsets) -> np.ndarray:
 def tempo(beats: np.ndarray) -> float:
     intervals = np.diff(beats)
     period = float(np.median(intervals))
-    # Index each beat by whole periods from the first, so a skipped beat does not bend the fit.
-    index = np.rint((beats - beats[0]) / period)
+    # Count whole periods interval by interval, so that a skipped beat does not bend the fit;
+    # rounding the distance to the first beat instead would let a slightly wrong median drift
+    # by a whole beat over a long track.
+    steps = np.maximum(np.rint(intervals / period), 1.0)
+    index = np.concatenate([[0.0], np.cumsum(steps)])
     slope = float(np.polyfit(index, beats, 1)[0])
     return 60.0 / slope
 
