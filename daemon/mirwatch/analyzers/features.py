@@ -62,10 +62,16 @@ class _Shared:
 class FeaturesAnalyzer(Analyzer):
     name = "features"
     stage = "cpu"
+    version = str(FEATURES_VERSION)
 
-    def __init__(self, cfg: FeaturesConfig, store: ModelStore) -> None:
+    def __init__(self, cfg: FeaturesConfig, store: ModelStore | None) -> None:
         self.cfg = cfg
         self.store = store
+
+    @property
+    def uses_stems(self) -> bool:
+        """A stem added or replaced beside the mix makes this analyzer's keys stale."""
+        return "stems" in self.enabled_groups()
 
     def enabled_groups(self) -> tuple[str, ...]:
         if not self.cfg.enabled:
