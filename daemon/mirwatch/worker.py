@@ -142,8 +142,8 @@ class Worker:
                     return
                 continue
             log = self.log.bind(job_id=flight.job.id, path=str(flight.job.path))
-            if flight.abandoned or self._stop.is_set():
-                self._finish(flight, log, outcome=None)  # released by stop()
+            if flight.abandoned:
+                self._finish(flight, log, outcome=None)  # already given back by stop()
                 continue
             flight.stage = "infer"
             try:

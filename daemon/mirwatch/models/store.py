@@ -53,6 +53,7 @@ class ModelStore:
             json.dump(data, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, self.lock_path)
 
     def require(self, name: str) -> Path:
