@@ -33,7 +33,15 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class LibraryConfig:
-    roots: list[Path] = field(default_factory=list)
+    # A list of folders (each named after its last component), or a table
+    # name -> folder. A shared queue stores tracks by root *name*, so hosts
+    # that mount the library at different paths use the same names.
+    # Normalised to a list of paths; the names are in `root_names`.
+    roots: list[Path] | dict[str, Path] = field(default_factory=list)
+    root_names: tuple[str, ...] = field(default=(), metadata={"derived": True})
+    # Whether this host watches and scans the roots; with a shared queue a
+    # host may only work through what others queue.
+    watch: bool = True
     # inotify does not see changes made by other hosts on NFS/SMB mounts.
     polling: bool = False
     poll_interval: float = 10.0
@@ -42,10 +50,73 @@ class LibraryConfig:
     # How often to scan the whole library for missed or stale tracks (0 = only at start).
     rescan_interval: float = 0.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.roots, dict):
+            names, paths = tuple(self.roots), list(self.roots.values())
+        else:
+            names, paths = tuple(p.name for p in self.roots), list(self.roots)
+        for name in names:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ConfigError(f"library.roots: root name {name!r} must be letters, digits, '-', '_' or '.'"
+                                  " (name roots with a table: [library.roots] main = \"/mnt/music\")")
+        if len(set(names)) != len(names):
+            raise ConfigError("library.roots: two roots have the same name "
+                              f"({', '.join(sorted(names))}); name them with a table: [library.roots]")
+        object.__setattr__(self, "roots", paths)
+        object.__setattr__(self, "root_names", names)
+
+    @property
+    def root_map(self) -> dict[str, Path]:
+        return dict(zip(self.root_names, self.roots))
+
 
 @dataclass(frozen=True)
 class StateConfig:
     dir: Path = Path("/var/lib/mirwatch")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    # "sqlite": a file in the state dir, for one machine. "postgres": one
+    # queue shared by several hosts (needs the `postgres` extra).
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    # postgresql://user@host:port/dbname, without a password.
+    dsn: str = ""
+    # Where the password comes from: a file (first line), or an environment
+    # variable's name. Neither: libpq's own PGPASSWORD / ~/.pgpass.
+    password_file: Path | None = None
+    password_env: str = ""
+    # This host's name in the shared queue (default: the machine's hostname).
+    # Must differ between hosts: a restarting host takes back its own jobs.
+    host_name: str = ""
+    # A job whose host has not renewed its lease for this long goes to another host.
+    lease_seconds: float = 60.0
+    # How long to keep retrying an unreachable server before giving up.
+    reconnect_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgres":
+            if not self.dsn:
+                raise ConfigError('queue.dsn is required with queue.backend = "postgres"')
+            if _dsn_has_password(self.dsn):
+                raise ConfigError("queue.dsn must not contain a password: use queue.password_file "
+                                  "or queue.password_env")
+        if self.lease_seconds < 2:
+            raise ConfigError("queue.lease_seconds must be at least 2")
+        if self.reconnect_timeout < 0:
+            raise ConfigError("queue.reconnect_timeout must not be negative")
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    from urllib.parse import urlsplit
+
+    if dsn.startswith(("postgresql://", "postgres://")):
+        try:
+            parts = urlsplit(dsn)
+        except ValueError:
+            return False
+        return parts.password is not None or "password=" in parts.query
+    return any(word.strip().startswith("password") and "=" in word for word in dsn.split())
 
 
 @dataclass(frozen=True)
@@ -187,6 +258,7 @@ class LoggingConfig:
 class Config:
     library: LibraryConfig = field(default_factory=LibraryConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     essentia: EssentiaConfig = field(default_factory=EssentiaConfig)
@@ -259,7 +331,7 @@ def _build(cls: type, raw: Any, prefix: str, base: Path) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'} must be a table")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "path" and not f.metadata.get("derived")}
     for key in raw:
         if key not in names:
             raise ConfigError(f"unknown key {prefix + key!r}")
@@ -278,7 +350,20 @@ def _convert(tp: Any, value: Any, key: str, base: Path) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(options[0], value, key, base)
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, key, base)
+            except ConfigError as exc:
+                errors.append((option, exc))
+        # Report against the option of the value's own kind (a table's bad
+        # entry, not "must be a list"), else against the first option.
+        for option, exc in errors:
+            if typing.get_origin(option) is type(value):
+                raise exc
+        if len(options) > 1 and all(typing.get_origin(o) in (list, dict) for o in options):
+            raise ConfigError(f"{key} must be a list or a table, got {value!r}")
+        raise errors[0][1]
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")

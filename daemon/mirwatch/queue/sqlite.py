@@ -1,29 +1,23 @@
-"""The durable job queue: one row per track, in SQLite (WAL) in the state dir.
+"""The one-machine queue: one row per track, in SQLite (WAL) in the state dir.
 
-A job's life: ``queued`` → ``running`` → ``done`` | ``failed``; a failure
-below ``max_attempts`` goes back to ``queued``. Attempts are counted when a
-job is *claimed*, so a track that crashes the whole daemon is not retried
-forever: at start-up `recover` sends interrupted jobs back to ``queued``, or
-to ``failed`` once they have used up their attempts.
-
-`JobQueue` is the interface the daemon uses; `SQLiteQueue` is the one-machine
-implementation. Paths are stored as raw bytes so that names that are not
-valid UTF-8 survive the round trip.
+Paths are stored whole, as raw bytes, so that names that are not valid UTF-8
+survive the round trip; one machine needs no root names. Schema 1 (before
+per-host worker rows) migrates in place: version 2 only adds a table.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-SCHEMA_VERSION = 1
-STATES = ("queued", "running", "done", "failed")
+from .base import (STATES, Job, QueueSchemaError, default_host_name, enqueue_action, squash_error,
+                   worker_name)
+
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -49,57 +43,34 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Schema version -> what brings the previous version up to it.
+_MIGRATIONS = {
+    2: """
+CREATE TABLE IF NOT EXISTS workers (
+    name           TEXT PRIMARY KEY,
+    pid            INTEGER,
+    current        TEXT,
+    current_job    INTEGER,
+    started_at     REAL,
+    last_heartbeat REAL,
+    done           INTEGER NOT NULL DEFAULT 0,
+    failed         INTEGER NOT NULL DEFAULT 0,
+    stopped        INTEGER NOT NULL DEFAULT 0
+);
+""",
+}
 
-@dataclass(frozen=True)
-class Job:
-    id: int
-    path: Path
-    state: str
-    attempts: int
-    force: bool
-    generation: int
-    reason: str | None
-    last_error: str | None
-    size: int | None
-    mtime_ns: int | None
-    worker: str | None
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-
-    def as_dict(self) -> dict[str, object]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["path"] = os.fsdecode(self.path).encode("utf-8", "backslashreplace").decode("utf-8")
-        return d
-
-
-class JobQueue(Protocol):
-    """What the daemon needs from a queue (SQLite here; shared backends later)."""
-
-    def enqueue(self, path: Path, size: int | None, mtime_ns: int | None, *, reason: str,
-                rerun: bool = False, force: bool = False) -> str: ...
-    def claim(self) -> Job | None: ...
-    def complete(self, job: Job) -> None: ...
-    def fail(self, job: Job, error: str, *, permanent: bool = False) -> str: ...
-    def release(self, job: Job) -> None: ...
-    def recover(self) -> tuple[int, int]: ...
-    def retry(self, path: Path | None = None, *, all_failed: bool = False) -> int: ...
-    def counts(self) -> dict[str, int]: ...
-    def running(self) -> list[Job]: ...
-    def recent_failures(self, limit: int = 10) -> list[Job]: ...
-    def get(self, path: Path) -> Job | None: ...
-    def close(self) -> None: ...
-
-
-def _worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+# A claim is ours while the row still carries our worker name and attempt.
+_OWNED = "id = ? AND state = 'running' AND worker = ? AND attempts = ?"
 
 
 class SQLiteQueue:
-    def __init__(self, path: Path, *, max_attempts: int = 3) -> None:
+    def __init__(self, path: Path, *, max_attempts: int = 3, host: str | None = None) -> None:
         self.path = Path(path)
         self.max_attempts = max_attempts
+        self.host = host or default_host_name()
+        self.worker = worker_name(self.host)
+        self._registered = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection shared by the daemon's threads, serialised by a lock:
         # simpler than a pool, and SQLite serialises writers anyway.
@@ -111,14 +82,24 @@ class SQLiteQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
             self._db.execute("PRAGMA quick_check").fetchone()
+            self._migrate()
 
-    # -- transactions ---------------------------------------------------------
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            for statement in _split(_SCHEMA):
+                db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row["value"]) if row else 1
+            if version > SCHEMA_VERSION:
+                raise QueueSchemaError(
+                    f"{self.path}: queue schema version {version} is newer than this mirwatch "
+                    f"understands ({SCHEMA_VERSION}); upgrade mirwatch")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _split(_MIGRATIONS[target]):
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
 
     def _tx(self):
         return _Transaction(self._db, self._lock)
@@ -127,14 +108,7 @@ class SQLiteQueue:
 
     def enqueue(self, path: Path, size: int | None, mtime_ns: int | None, *, reason: str,
                 rerun: bool = False, force: bool = False) -> str:
-        """Queue a track. Returns what happened: queued, requeued, pending, unchanged.
-
-        A path is never queued twice: a queued job absorbs the request, a
-        running job is marked to run again when it finishes. A done or failed
-        job is queued again when the file changed (size or mtime), or when
-        `rerun` asks for it (stale sidecar, new stem); a failed one only when
-        the file changed or `force` (retry) says so.
-        """
+        """Queue a track. Returns what happened: queued, requeued, pending, unchanged."""
         key = os.fsencode(path)
         now = time.time()
         with self._tx() as db:
@@ -147,23 +121,21 @@ class SQLiteQueue:
                 )
                 return "queued"
             changed = (row["size"], row["mtime_ns"]) != (size, mtime_ns)
-            state = row["state"]
-            if state == "queued":
+            action = enqueue_action(row["state"], changed=changed, rerun=rerun, force=force)
+            if action == "absorb":
                 db.execute(
                     "UPDATE jobs SET size = ?, mtime_ns = ?, force = force | ?, updated_at = ? WHERE id = ?",
                     (size, mtime_ns, int(force), now, row["id"]),
                 )
                 return "unchanged"
-            if state == "running":
-                if changed or rerun or force:
-                    db.execute(
-                        "UPDATE jobs SET dirty = 1, size = ?, mtime_ns = ?, force = force | ?,"
-                        " reason = ?, updated_at = ? WHERE id = ?",
-                        (size, mtime_ns, int(force), reason, now, row["id"]),
-                    )
-                    return "pending"
-                return "unchanged"
-            if changed or force or (rerun and state == "done"):
+            if action == "pending":
+                db.execute(
+                    "UPDATE jobs SET dirty = 1, size = ?, mtime_ns = ?, force = force | ?,"
+                    " reason = ?, updated_at = ? WHERE id = ?",
+                    (size, mtime_ns, int(force), reason, now, row["id"]),
+                )
+                return "pending"
+            if action == "requeue":
                 db.execute(
                     "UPDATE jobs SET state = 'queued', attempts = 0, last_error = NULL, dirty = 0,"
                     " force = ?, generation = generation + 1, reason = ?, size = ?, mtime_ns = ?,"
@@ -182,45 +154,53 @@ class SQLiteQueue:
                 " started_at = ?, updated_at = ?"
                 " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
                 " RETURNING *",
-                (_worker_name(), now, now),
+                (self.worker, now, now),
             ).fetchone()
         return _job(row) if row else None
 
-    def complete(self, job: Job) -> None:
-        """Mark done, unless the file changed meanwhile: then it runs again."""
+    def complete(self, job: Job) -> bool:
+        """Mark done, unless the file changed meanwhile: then it runs again.
+
+        False when the claim is no longer ours (given back, or taken over).
+        """
         now = time.time()
         with self._tx() as db:
-            db.execute(
+            changed = db.execute(
                 "UPDATE jobs SET state = CASE dirty WHEN 1 THEN 'queued' ELSE 'done' END,"
                 " attempts = CASE dirty WHEN 1 THEN 0 ELSE attempts END,"
                 " generation = generation + dirty, dirty = 0, last_error = NULL,"
                 " finished_at = ?, updated_at = ?"
-                " WHERE id = ? AND generation = ? AND state = 'running'",
-                (now, now, job.id, job.generation),
-            )
+                f" WHERE {_OWNED} AND generation = ?",
+                (now, now, job.id, self.worker, job.attempts, job.generation),
+            ).rowcount
+            if changed:
+                self._count(db, "done")
+        return bool(changed)
 
     def fail(self, job: Job, error: str, *, permanent: bool = False) -> str:
-        """Record a failure; returns the job's new state (queued again, or failed)."""
+        """Record a failure; returns the job's new state (queued, failed), or "lost"."""
         now = time.time()
-        error = " ".join(error.split())[:2000]
+        error = squash_error(error)
         with self._tx() as db:
-            row = db.execute("SELECT attempts, dirty FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            row = db.execute(f"SELECT attempts, dirty FROM jobs WHERE {_OWNED}",
+                             (job.id, self.worker, job.attempts)).fetchone()
             if row is None:
-                return "gone"
+                return "lost"
             if row["dirty"]:
-                state = "queued"  # the file changed under us: the new version gets its own try
+                # The file changed under us: the new version gets its own try.
                 db.execute(
                     "UPDATE jobs SET state = 'queued', attempts = 0, dirty = 0, generation = generation + 1,"
                     " last_error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
                     (error, now, now, job.id),
                 )
-                return state
+                return "queued"
             state = "failed" if permanent or row["attempts"] >= self.max_attempts else "queued"
             db.execute(
-                "UPDATE jobs SET state = ?, last_error = ?, finished_at = ?, updated_at = ?"
-                " WHERE id = ? AND generation = ?",
-                (state, error, now, now, job.id, job.generation),
+                "UPDATE jobs SET state = ?, last_error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+                (state, error, now, now, job.id),
             )
+            if state == "failed":
+                self._count(db, "failed")
         return state
 
     def release(self, job: Job) -> None:
@@ -228,8 +208,8 @@ class SQLiteQueue:
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), worker = NULL,"
-                " started_at = NULL, updated_at = ? WHERE id = ? AND state = 'running'",
-                (time.time(), job.id),
+                f" started_at = NULL, updated_at = ? WHERE {_OWNED}",
+                (time.time(), job.id, self.worker, job.attempts),
             )
 
     def recover(self) -> tuple[int, int]:
@@ -264,6 +244,41 @@ class SQLiteQueue:
                 (now, *args),
             ).rowcount
 
+    # -- liveness -------------------------------------------------------------
+
+    def heartbeat(self, in_flight: list[Job]) -> list[Job]:
+        """Record this host as alive and what it works on. One machine has no leases
+        to lose, so nothing is ever returned as lost."""
+        now = time.time()
+        current = in_flight[0] if in_flight else None
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO workers (name, pid, started_at, last_heartbeat, current, current_job, stopped)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE SET pid = excluded.pid,"
+                " started_at = CASE WHEN workers.pid = excluded.pid AND workers.stopped = 0"
+                " THEN workers.started_at ELSE excluded.started_at END,"
+                " last_heartbeat = excluded.last_heartbeat, current = excluded.current,"
+                " current_job = excluded.current_job, stopped = 0",
+                (self.host, os.getpid(), now, now,
+                 os.fsdecode(current.path).encode("utf-8", "backslashreplace").decode() if current else None,
+                 current.id if current else None),
+            )
+        self._registered = True
+        return []
+
+    def still_owned(self, job: Job) -> bool:
+        with self._lock:
+            row = self._db.execute(f"SELECT 1 FROM jobs WHERE {_OWNED} AND generation = ?",
+                                   (job.id, self.worker, job.attempts, job.generation)).fetchone()
+        return row is not None
+
+    def _count(self, db: sqlite3.Connection, column: str) -> None:
+        db.execute(
+            f"INSERT INTO workers (name, pid, {column}) VALUES (?, ?, 1)"
+            f" ON CONFLICT (name) DO UPDATE SET {column} = {column} + 1",
+            (self.host, os.getpid()),
+        )
+
     # -- readers --------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -285,6 +300,18 @@ class SQLiteQueue:
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every worker host that reported here: name, current track, last heartbeat, counts."""
+        now = time.time()
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM workers ORDER BY name").fetchall()
+        return [{
+            "name": r["name"], "pid": r["pid"], "current": r["current"], "current_job": r["current_job"],
+            "started_at": r["started_at"], "last_heartbeat": r["last_heartbeat"],
+            "heartbeat_age": round(now - r["last_heartbeat"], 1) if r["last_heartbeat"] else None,
+            "done": r["done"], "failed": r["failed"], "stopped": bool(r["stopped"]),
+        } for r in rows]
+
     def get(self, path: Path) -> Job | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE path = ?", (os.fsencode(path),)).fetchone()
@@ -297,6 +324,9 @@ class SQLiteQueue:
 
     def close(self) -> None:
         with self._lock:
+            if self._registered:
+                self._db.execute("UPDATE workers SET stopped = 1, current = NULL, current_job = NULL"
+                                 " WHERE name = ? AND pid = ?", (self.host, os.getpid()))
             self._db.close()
 
 
@@ -321,6 +351,11 @@ class _Transaction:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self._lock.release()
+
+
+def _split(script: str) -> list[str]:
+    # executescript() would commit our open transaction; run statement by statement.
+    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 def _job(row: sqlite3.Row) -> Job:
