@@ -5,8 +5,8 @@ below ``max_attempts`` goes back to ``queued``. Attempts are counted when a
 job is *claimed*, so a track that crashes the daemon (or a host) is not
 retried forever.
 
-A claim belongs to one worker (``host:pid``) and one attempt: the pair
-(worker, attempts) names the claim. A worker may only complete, fail or
+A claim belongs to one worker (``host:pid``) and carries a token (the
+job's claim counter, which only ever grows): the pair names the claim. A worker may only complete, fail or
 write the sidecar of a job while that claim is still the job's current one;
 a claim taken over by another host (its lease expired) is *lost*.
 """
@@ -39,6 +39,8 @@ class Job:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    # Which claim of this job this record was handed out by (see `claim`).
+    claim: int = 0
 
     def as_dict(self) -> dict[str, object]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}

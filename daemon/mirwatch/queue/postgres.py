@@ -45,6 +45,7 @@ _MIGRATIONS: dict[int, list[str]] = {
             rel         bytea NOT NULL,
             state       text NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
             attempts    integer NOT NULL DEFAULT 0,
+            claims      integer NOT NULL DEFAULT 0,
             force       boolean NOT NULL DEFAULT false,
             dirty       boolean NOT NULL DEFAULT false,
             generation  integer NOT NULL DEFAULT 1,
@@ -77,7 +78,7 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
-_OWNED = "id = %(id)s AND state = 'running' AND worker = %(worker)s AND attempts = %(attempts)s"
+_OWNED = "id = %(id)s AND state = 'running' AND worker = %(worker)s AND claims = %(claim)s"
 
 
 def redact(dsn: str) -> str:
@@ -246,7 +247,8 @@ class PostgresQueue:
         def tx(conn: psycopg.Connection) -> tuple[list[dict], dict | None]:
             reaped = self._reap(conn)
             row = conn.execute(
-                "UPDATE mirwatch.jobs SET state = 'running', attempts = attempts + 1, worker = %(worker)s,"
+                "UPDATE mirwatch.jobs SET state = 'running', attempts = attempts + 1, claims = claims + 1,"
+                " worker = %(worker)s,"
                 f" started_at = {NOW}, updated_at = {NOW}, lease_until = {NOW} + %(lease)s"
                 " WHERE id = (SELECT id FROM mirwatch.jobs WHERE state = 'queued' AND root = ANY(%(roots)s)"
                 "             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
@@ -373,7 +375,7 @@ class PostgresQueue:
         def tx(conn: psycopg.Connection) -> set[tuple[int, int]]:
             renewed = conn.execute(
                 f"UPDATE mirwatch.jobs SET lease_until = {NOW} + %(lease)s"
-                " WHERE id = ANY(%(ids)s) AND state = 'running' AND worker = %(worker)s RETURNING id, attempts",
+                " WHERE id = ANY(%(ids)s) AND state = 'running' AND worker = %(worker)s RETURNING id, claims",
                 {"lease": self.lease_seconds, "ids": list(ids), "worker": self.worker}).fetchall()
             conn.execute(
                 "INSERT INTO mirwatch.workers (name, pid, started_at, last_heartbeat, current, current_job)"
@@ -384,7 +386,7 @@ class PostgresQueue:
                 " current_job = excluded.current_job, stopped = false",
                 {"host": self.host, "pid": _pid(), "job": current.id if current else None,
                  "current": self._display(current) if current else None})
-            return {(r["id"], r["attempts"]) for r in renewed}
+            return {(r["id"], r["claims"]) for r in renewed}
 
         try:
             renewed = self._run(tx, retry=False)
@@ -392,7 +394,7 @@ class PostgresQueue:
             return []
         self._registered = True
         self._last_beat, self._last_beat_ids = now, ids
-        return [j for j in in_flight if (j.id, j.attempts) not in renewed]
+        return [j for j in in_flight if (j.id, j.claim) not in renewed]
 
     def still_owned(self, job: Job) -> bool:
         """Is the claim still ours? If so, extend its lease, so that the sidecar
@@ -403,7 +405,7 @@ class PostgresQueue:
             {**self._owner(job), "lease": self.lease_seconds}).fetchone() is not None)
 
     def _owner(self, job: Job) -> dict[str, Any]:
-        return {"id": job.id, "worker": self.worker, "attempts": job.attempts, "generation": job.generation}
+        return {"id": job.id, "worker": self.worker, "claim": job.claim, "generation": job.generation}
 
     def _count(self, conn: psycopg.Connection, column: str) -> None:
         conn.execute(f"INSERT INTO mirwatch.workers (name, pid, {column}) VALUES (%(host)s, %(pid)s, 1)"
@@ -462,7 +464,7 @@ class PostgresQueue:
             attempts=row["attempts"], force=row["force"], generation=row["generation"], reason=row["reason"],
             last_error=row["last_error"], size=row["size"], mtime_ns=row["mtime_ns"], worker=row["worker"],
             created_at=row["created_at"], updated_at=row["updated_at"], started_at=row["started_at"],
-            finished_at=row["finished_at"],
+            finished_at=row["finished_at"], claim=row["claims"],
         )
 
     def close(self) -> None:

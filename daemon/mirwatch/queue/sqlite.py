@@ -57,11 +57,12 @@ CREATE TABLE IF NOT EXISTS workers (
     failed         INTEGER NOT NULL DEFAULT 0,
     stopped        INTEGER NOT NULL DEFAULT 0
 );
+ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
 """,
 }
 
-# A claim is ours while the row still carries our worker name and attempt.
-_OWNED = "id = ? AND state = 'running' AND worker = ? AND attempts = ?"
+# A claim is ours while the row still carries our worker name and claim token.
+_OWNED = "id = ? AND state = 'running' AND worker = ? AND claims = ?"
 
 
 class SQLiteQueue:
@@ -150,7 +151,7 @@ class SQLiteQueue:
         now = time.time()
         with self._tx() as db:
             row = db.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, claims = claims + 1, worker = ?,"
                 " started_at = ?, updated_at = ?"
                 " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
                 " RETURNING *",
@@ -171,7 +172,7 @@ class SQLiteQueue:
                 " generation = generation + dirty, dirty = 0, last_error = NULL,"
                 " finished_at = ?, updated_at = ?"
                 f" WHERE {_OWNED} AND generation = ?",
-                (now, now, job.id, self.worker, job.attempts, job.generation),
+                (now, now, job.id, self.worker, job.claim, job.generation),
             ).rowcount
             if changed:
                 self._count(db, "done")
@@ -183,7 +184,7 @@ class SQLiteQueue:
         error = squash_error(error)
         with self._tx() as db:
             row = db.execute(f"SELECT attempts, dirty FROM jobs WHERE {_OWNED}",
-                             (job.id, self.worker, job.attempts)).fetchone()
+                             (job.id, self.worker, job.claim)).fetchone()
             if row is None:
                 return "lost"
             if row["dirty"]:
@@ -209,7 +210,7 @@ class SQLiteQueue:
             db.execute(
                 "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), worker = NULL,"
                 f" started_at = NULL, updated_at = ? WHERE {_OWNED}",
-                (time.time(), job.id, self.worker, job.attempts),
+                (time.time(), job.id, self.worker, job.claim),
             )
 
     def recover(self) -> tuple[int, int]:
@@ -269,7 +270,7 @@ class SQLiteQueue:
     def still_owned(self, job: Job) -> bool:
         with self._lock:
             row = self._db.execute(f"SELECT 1 FROM jobs WHERE {_OWNED} AND generation = ?",
-                                   (job.id, self.worker, job.attempts, job.generation)).fetchone()
+                                   (job.id, self.worker, job.claim, job.generation)).fetchone()
         return row is not None
 
     def _count(self, db: sqlite3.Connection, column: str) -> None:
@@ -365,4 +366,5 @@ def _job(row: sqlite3.Row) -> Job:
         reason=row["reason"], last_error=row["last_error"], size=row["size"],
         mtime_ns=row["mtime_ns"], worker=row["worker"], created_at=row["created_at"],
         updated_at=row["updated_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        claim=row["claims"],
     )
