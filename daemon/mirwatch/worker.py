@@ -162,6 +162,15 @@ class Worker:
         with self._commit:
             if flight.abandoned:
                 return
+            # With a shared queue, a host that froze or was cut off past its
+            # lease has lost the job to another host, whose result is newer:
+            # check (and extend the lease) right before the sidecar rename.
+            if not self.jobs.still_owned(flight.job):
+                flight.abandoned = True
+                self._in_flight.pop(flight.job.id, None)
+                self._slots.release()
+                log.warning("lease_lost", detail="another host took this job over; this result is discarded")
+                return
             path = self.pipeline.write(prepared, on_corrupt=corrupt)
             self.jobs.complete(flight.job)
             self._in_flight.pop(flight.job.id, None)
