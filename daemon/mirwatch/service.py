@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -23,28 +22,12 @@ from . import notify, reconcile
 from .analyzers.base import ModelLoadError
 from .config import Config
 from .pipeline import Pipeline
-from .queue import SQLiteQueue
+from .queue import SQLiteQueue, open_queue
 from .watcher import LibraryWatcher
 from .worker import Worker
 
 EXIT_MODELS = 3
 FINGERPRINTS_FILE = "fingerprints.json"
-
-
-def open_queue(cfg: Config, log: Any) -> SQLiteQueue:
-    """Open the queue; a corrupt database is moved aside and rebuilt by the scan."""
-    path = cfg.queue_path
-    try:
-        return SQLiteQueue(path, max_attempts=cfg.worker.max_attempts)
-    except sqlite3.DatabaseError as exc:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            side = Path(str(path) + suffix)
-            if side.exists():
-                os.replace(side, Path(f"{path}{suffix}.corrupt-{stamp}"))
-        log.error("queue_corrupt", path=str(path), error=str(exc),
-                  detail="moved aside; rebuilding the queue from a library scan")
-        return SQLiteQueue(path, max_attempts=cfg.worker.max_attempts)
 
 
 def save_fingerprints(cfg: Config, fingerprints: dict[str, str], stem_users: frozenset[str]) -> None:
@@ -114,7 +97,8 @@ class Daemon:
 
         watcher = LibraryWatcher(cfg.library.roots, on_ready, log, settle_seconds=cfg.library.settle_seconds,
                                  polling=cfg.library.polling, poll_interval=cfg.library.poll_interval)
-        watcher.start()
+        if cfg.library.watch:
+            watcher.start()
         worker.start()
         notify.notify("READY=1")
         log.info("ready", analyzers=[a.name for a in pipeline.analyzers], queue=jobs.counts())
@@ -136,6 +120,8 @@ class Daemon:
         return 0
 
     def _scan(self, pipeline: Pipeline, jobs: SQLiteQueue, worker: Worker) -> None:
+        if not self.cfg.library.watch:
+            return  # this host only works through what the hosts that watch queue
         try:
             counts = reconcile.scan(self.cfg.library.roots, jobs, pipeline.fingerprints,
                                     stem_users=pipeline.stem_users, log=self.log)
@@ -153,6 +139,7 @@ class Daemon:
         complained = False
         while not self._stop.wait(tick):
             self._update_status(jobs, worker)
+            self._heartbeat(jobs, worker)
             healthy, why = worker.healthy()
             if healthy:
                 if ping_every:
@@ -167,6 +154,17 @@ class Daemon:
                                            name="mirwatch-scan")
                 scanner.start()
                 next_rescan = time.monotonic() + rescan_every
+
+    def _heartbeat(self, jobs: SQLiteQueue, worker: Worker) -> None:
+        """Renew the shared queue's leases on the jobs in flight; say when one was lost."""
+        try:
+            lost = jobs.heartbeat(worker.current())
+        except Exception as exc:  # noqa: BLE001 - a missed beat is retried next tick
+            self.log.error("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        for job in lost:
+            self.log.warning("lease_lost", job_id=job.id, path=str(job.path),
+                             detail="another host may take this job over; its result will not be written")
 
     def _update_status(self, jobs: SQLiteQueue, worker: Worker) -> None:
         counts = jobs.counts()
