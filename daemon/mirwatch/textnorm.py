@@ -43,4 +43,6 @@ _ASCII_PUNCTUATION = str.maketrans(
 def normalize(text: str) -> str:
     """NFKC, typographic punctuation as ASCII, surrounding whitespace removed."""
     text = unicodedata.normalize("NFKC", text).translate(_ASCII_PUNCTUATION)
-    return text.strip()
+    # Removing a zero-width character can bring a base letter and a combining
+    # mark together again, so compose once more.
+    return unicodedata.normalize("NFKC", text).strip()

@@ -212,7 +212,7 @@ class FlamingoAnalyzer(Analyzer):
     def analyze(self, track: Track) -> Result:
         if self.model is None:
             raise AnalysisError("Music Flamingo is not loaded")
-        audio, warning = self._cap_duration(track.audio.mono_16k, truncated_before=track.audio.truncated)
+        audio, warning = self.cap_duration(track.audio.mono_16k, truncated_before=track.audio.truncated)
         seed = track_seed(self.cfg.seed, track.name)
         run = self.describe(audio, seed=seed, cancel=track.cancel.is_set)
         values = {KEY_PREFIX + name: normalize(d.text) for name, d in run.descriptions.items()}
@@ -235,7 +235,7 @@ class FlamingoAnalyzer(Analyzer):
             provenance["truncated_audio"] = warning
         return Result(values=values, provenance=provenance)
 
-    def _cap_duration(self, audio: np.ndarray, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
+    def cap_duration(self, audio: np.ndarray, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
         limit = int(self.processor.max_audio_len * SAMPLE_RATE)
         if len(audio) > limit:
             return audio[:limit], (
@@ -302,7 +302,6 @@ class FlamingoAnalyzer(Analyzer):
         cancel: Callable[[], bool],
         batched: bool,
     ) -> Run:
-        _flush_denormals(self.device)
         start = time.perf_counter()
         prepared = self._prepare(audio, prompts)
         _check(cancel)
@@ -463,6 +462,10 @@ class FlamingoAnalyzer(Analyzer):
             pad_token_id=self._pad_id,
             bos_token_id=self.model.generation_config.bos_token_id,
         )
+        # Explicit values, not None: None would be filled in from the
+        # checkpoint's defaults (top_k 20 and friends) behind the config's back.
+        # Greedy decoding ignores them; 50 is the value transformers does not warn about.
+        options.update(temperature=1.0, top_p=1.0, top_k=50)
         if self.cfg.do_sample:
             options.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0)
         return GenerationConfig(**options)
@@ -490,7 +493,6 @@ class FlamingoAnalyzer(Analyzer):
         prompts = self._prompts(prompts)
         cancel = cancel or (lambda: False)
         descriptions: dict[str, Description] = {}
-        _flush_denormals(self.device)
         start = time.perf_counter()
         with torch.inference_mode():
             for name, prompt in prompts.items():
@@ -610,14 +612,6 @@ def _resolve_attention(name: str, device: Any) -> str:
 def _sync(device: Any) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _flush_denormals(device: Any) -> None:
-    # On CPUs, subnormal floats (which softmax and small activations produce)
-    # make matrix maths up to 20x slower and carry nothing an answer depends
-    # on. The flag is per thread, so it is set on the thread that generates.
-    if device is not None and device.type == "cpu":
-        torch.set_flush_denormal(True)
 
 
 def _release_memory() -> None:
