@@ -17,6 +17,11 @@ import numpy as np
 import soundfile as sf
 
 ANALYSIS_RATE = 16_000
+# The most samples (frames x channels) one decode keeps: 20 min of 48 kHz stereo,
+# 440 MiB as float32. `max_duration` caps time; this caps what a high rate or
+# many channels would multiply it by, so no header can make a job's memory grow
+# past it. Files beyond it are analysed from their start, marked truncated.
+MAX_DECODED_SAMPLES = 1200 * 48_000 * 2
 
 
 class DecodeError(Exception):
@@ -93,11 +98,10 @@ def decode(path: Path, *, max_duration: float | None = None) -> Audio:
     try:
         with sf.SoundFile(str(path)) as f:
             _check_header(path, f.samplerate, f.channels, f.frames)
-            wanted = f.frames
-            truncated = False
-            if max_duration is not None and f.frames > max_duration * f.samplerate:
-                wanted = int(max_duration * f.samplerate)
-                truncated = True
+            wanted = min(f.frames, MAX_DECODED_SAMPLES // f.channels)
+            if max_duration is not None:
+                wanted = min(wanted, int(max_duration * f.samplerate))
+            truncated = wanted < f.frames
             samples = f.read(frames=wanted, dtype="float32", always_2d=True)
             rate, total = f.samplerate, f.frames
     except DecodeError:

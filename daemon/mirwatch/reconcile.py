@@ -10,7 +10,6 @@ changing an Essentia threshold does not rerun Music Flamingo.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,8 +23,6 @@ from .analyzers.base import find_stems
 
 MIX_NAME = "full_mix.flac"
 STEM_PREFIXES = ("drums.", "bass.", "other.", "vocals.")
-# Our own temp files (see sidecar.write_atomic) older than this are debris of a crash.
-TEMP_MAX_AGE = 3600.0
 
 
 def fingerprint(version: str, settings: Mapping[str, Any], models: Mapping[str, str]) -> str:
@@ -91,17 +88,12 @@ def iter_mixes(root: Path, on_error: Callable[[str, OSError], None] | None = Non
                     stack.append(Path(entry.path))
                 elif entry.name == MIX_NAME and entry.is_file(follow_symlinks=False):
                     yield Path(entry.path)
-                elif entry.name.startswith(".") and entry.name.endswith(".tmp") and ".INFO" in entry.name:
-                    _remove_stale_temp(Path(entry.path))
+                elif entry.name.endswith(".tmp") and sidecar.is_own_temp(Path(folder), entry.name):
+                    # Debris of a writer killed mid-write; removed only if no writer holds the folder.
+                    sidecar.remove_debris(Path(folder))
             except OSError as exc:
                 if on_error:
                     on_error(entry.path, exc)
-
-
-def _remove_stale_temp(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if time.time() - path.stat().st_mtime > TEMP_MAX_AGE:
-            path.unlink()
 
 
 def scan(

@@ -65,7 +65,13 @@ class Daemon:
         log.info("starting", config=str(cfg.path), roots=[str(r) for r in cfg.library.roots],
                  state_dir=str(cfg.state.dir), models_dir=str(cfg.models.dir), pid=os.getpid())
 
+        # fingerprints.json is written on every start: with it and no queue, the queue was lost.
+        queue_lost = (cfg.state.dir / FINGERPRINTS_FILE).exists() and not cfg.queue_path.exists()
         jobs = open_queue(cfg, log)
+        if queue_lost:
+            log.warning("queue_missing", path=str(cfg.queue_path),
+                        detail="the queue file is gone; rebuilding the queue from a library scan "
+                               "(tracks with fresh sidecars are not analysed again)")
         requeued, failed = jobs.recover()
         if requeued or failed:
             log.warning("recovered_jobs", requeued=requeued, failed=failed,
@@ -172,6 +178,8 @@ class Daemon:
         status = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
         if current:
             status += f"; analysing {current[0].path.parent.name}"
+        if getattr(worker, "waiting", ""):
+            status += f"; waiting: {worker.waiting}"
         if status != self._status:
             self._status = status
             notify.notify(f"STATUS={status}")

@@ -11,9 +11,11 @@ mix. A sidecar that is not a JSON object is moved aside, not overwritten.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -25,10 +27,19 @@ SUFFIX = ".INFO"
 # Larger sidecars are not parsed: no honest sidecar is this big, and reading
 # one into memory per job would let a single bad file stall the daemon.
 MAX_BYTES = 64 * 1024 * 1024
+# Linux NAME_MAX; a temp name keeps at most TEMP_STEM_BYTES of its target's name.
+NAME_MAX = 255
+TEMP_STEM_BYTES = 200
+# ".<target name, cut to TEMP_STEM_BYTES>.<mkstemp's 8 characters>.tmp"
+_TEMP_NAME = re.compile(rb"^\.(.+)\.[A-Za-z0-9_]{8}\.tmp$", re.DOTALL)
 
 
 class CorruptSidecar(Exception):
     """The existing sidecar is not a JSON object."""
+
+
+class NameTooLong(OSError):
+    """The track folder's name leaves no room for ``<name>.INFO`` (255 bytes at most)."""
 
 
 def path_for(flac: Path) -> Path:
@@ -94,7 +105,12 @@ def update(
     is called when a corrupt sidecar was moved aside.
     """
     target = path_for(flac)
+    longest = max([SUFFIX, *(aux or {})], key=len)
+    if len(os.fsencode(target.parent.name + longest)) > NAME_MAX:
+        raise NameTooLong(errno.ENAMETOOLONG, f"folder name is {len(os.fsencode(target.parent.name))} bytes: "
+                          f"'<name>{longest}' would exceed the {NAME_MAX}-byte file name limit")
     with locked(target.parent):
+        remove_debris(target.parent, already_locked=True)
         try:
             doc = read(target) or {}
         except CorruptSidecar as exc:
@@ -126,9 +142,57 @@ def update(
     return target
 
 
+def is_own_temp(folder: Path, name: str | bytes) -> bool:
+    """Is `name` a temp file `write_atomic` makes for a sidecar or aux file of this folder?"""
+    match = _TEMP_NAME.match(os.fsencode(name))
+    if not match:
+        return False
+    stem, own = match.group(1), os.fsencode(folder.name)
+    return stem.startswith(own) if len(own) < TEMP_STEM_BYTES else stem == own[:TEMP_STEM_BYTES]
+
+
+def remove_debris(folder: Path, *, already_locked: bool = False) -> int:
+    """Delete temp files a killed writer left in `folder`; returns how many.
+
+    Only while holding the folder lock (or when it is free right now): a
+    writer that holds it may be between its mkstemp and its rename.
+    """
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.endswith(".tmp") and is_own_temp(folder, e.name)]
+    except OSError:
+        return 0
+    if not names:
+        return 0
+    if already_locked:
+        return _unlink_all(folder, names)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return 0  # someone is writing here now; the next write cleans up
+    try:
+        return _unlink_all(folder, names)
+    finally:
+        os.close(fd)
+
+
+def _unlink_all(folder: Path, names: list[str]) -> int:
+    removed = 0
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
+            removed += 1
+    return removed
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+    stem = os.fsdecode(os.fsencode(path.name)[:TEMP_STEM_BYTES])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -9,10 +9,15 @@ filesystem) produces one event for the folder and none for its files, so
 folders are walked. A stem appearing beside a mix re-queues the mix.
 
 Roots on network filesystems, or beyond the inotify watch limit, are polled.
+watchdog takes the root's watch but silently skips subfolders it cannot
+watch, so before trusting inotify the watcher checks, in a throwaway inotify
+instance, that every folder of the root can get a watch; a folder created
+later that cannot get one switches that root to polling, with a rescan of it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -34,6 +39,40 @@ ReadyCallback = Callable[[Path, str, bool], None]
 # A header that does not decode may still be mid-copy; after this many settle
 # periods unchanged it is handed on anyway, so that its job fails with a reason.
 UNDECODABLE_PATIENCE = 3
+# How often the roots' identity is checked (a stat each).
+ROOT_CHECK_INTERVAL = 2.0
+_IN_CREATE, _IN_ONLYDIR = 0x100, 0x01000000
+_LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE, errno.ENOMEM)
+
+
+def _folders(root: Path):
+    """`root` and every folder below it, symlinks not followed."""
+    stack = [os.fsencode(root)]
+    while stack:
+        folder = stack.pop()
+        yield folder
+        try:
+            with os.scandir(folder) as it:
+                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+
+
+def inotify_room(folders) -> str:
+    """'' if every folder can get an inotify watch now; else why not (the limit hit)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0:
+        return os.strerror(ctypes.get_errno()) + " (inotify instance limit)"
+    try:
+        for count, folder in enumerate(folders):
+            if libc.inotify_add_watch(fd, folder, _IN_CREATE | _IN_ONLYDIR) < 0:
+                err = ctypes.get_errno()
+                if err in _LIMIT_ERRNOS:
+                    return f"{os.strerror(err)} after {count} watches (inotify watch limit)"
+    finally:
+        os.close(fd)
+    return ""
 
 
 @dataclass
@@ -68,48 +107,116 @@ class LibraryWatcher:
         self._pending: dict[Path, _Pending] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._observers: list[Any] = []
+        self._observers: dict[Path, Any] = {}
+        self.methods: dict[Path, str] = {}
+        self._fallbacks: dict[Path, str] = {}
+        # (st_dev, st_ino) of each root when its watch started; None while it is missing.
+        self._identity: dict[Path, tuple[int, int] | None] = {}
         self._settler = threading.Thread(target=self._settle_loop, name="mirwatch-settle", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
         for root in self.roots:
-            self._watch(root)
+            self._watch_if_present(root)
         self._settler.start()
+
+    def _watch_if_present(self, root: Path) -> None:
+        try:
+            st = root.stat()
+            present = os.path.isdir(root)
+        except OSError:
+            present = False
+        if not present:
+            self._identity[root] = None
+            self.log.error("root_missing", path=str(root),
+                           detail="library root is not there (unmounted or removed); watching for it to return")
+            return
+        self._identity[root] = (st.st_dev, st.st_ino)
+        self._watch(root)
+
+    def _check_roots(self) -> None:
+        """A root removed, unmounted or mounted over loses its watches: notice, and start again."""
+        for root in self.roots:
+            try:
+                st = root.stat()
+                now = (st.st_dev, st.st_ino) if os.path.isdir(root) else None
+            except OSError:
+                now = None
+            before = self._identity.get(root)
+            if now == before:
+                continue
+            old = self._observers.pop(root, None)
+            if old is not None:
+                old.stop()
+                old.join(timeout=5)
+            self.methods.pop(root, None)
+            if now is None:
+                self._identity[root] = None
+                self.log.error("root_missing", path=str(root),
+                               detail="library root went away (unmounted or removed); watching for it to return")
+                continue
+            self.log.warning("root_restored", path=str(root), detail="watching again and looking at every track")
+            self._watch_if_present(root)
+            for mix in iter_mixes(root):
+                self._add(mix, "root_restored", rerun=False)
 
     def stop(self) -> None:
         self._stop.set()
-        for observer in self._observers:
+        for observer in list(self._observers.values()):
             observer.stop()
-        for observer in self._observers:
+        for observer in list(self._observers.values()):
             observer.join(timeout=5)
 
     def _watch(self, root: Path) -> None:
         handler = _Handler(self)
         if not self.polling:
-            observer = Observer()
-            try:
-                observer.schedule(handler, str(root), recursive=True)
-                observer.start()
-                self._observers.append(observer)
-                self.log.info("watching", root=str(root), method="inotify")
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EMFILE):
-                    raise
-                observer.stop()
-                self.log.error(
-                    "inotify_limit", root=str(root), error=str(exc),
-                    detail="the inotify watch/instance limit is too low for this library; polling "
-                           f"every {self.poll_interval:g} s instead. Raise fs.inotify.max_user_watches "
-                           "(sysctl) to get instant events back",
-                )
+            problem = inotify_room(_folders(root))
+            if not problem:
+                observer = Observer()
+                try:
+                    observer.schedule(handler, str(root), recursive=True)
+                    observer.start()
+                    self._observers[root] = observer
+                    self.methods[root] = "inotify"
+                    self.log.info("watching", root=str(root), method="inotify")
+                    return
+                except OSError as exc:
+                    if exc.errno not in _LIMIT_ERRNOS:
+                        raise
+                    observer.stop()
+                    problem = str(exc)
+            self._warn_limit(root, problem)
         observer = PollingObserver(timeout=self.poll_interval)
         observer.schedule(handler, str(root), recursive=True)
         observer.start()
-        self._observers.append(observer)
+        self._observers[root] = observer
+        self.methods[root] = "polling"
         self.log.info("watching", root=str(root), method="polling", interval=self.poll_interval)
+
+    def _warn_limit(self, root: Path, problem: str) -> None:
+        self.log.warning(
+            "inotify_limit", root=str(root), error=problem,
+            detail="the inotify watch/instance limit is too low for this library; polling "
+                   f"every {self.poll_interval:g} s instead. Raise fs.inotify.max_user_watches "
+                   "(sysctl) to get instant events back",
+        )
+
+    def _switch_to_polling(self, root: Path, problem: str) -> None:
+        """A folder created after start-up got no watch: poll the root, and look at all of it once."""
+        old = self._observers.pop(root, None)
+        if old is not None:
+            old.stop()
+            old.join(timeout=5)
+        saved, self.polling = self.polling, True
+        try:
+            self._watch(root)
+        finally:
+            self.polling = saved
+        self._warn_limit(root, problem)
+        # Events in folders that had no watch were never seen: settle every mix once.
+        for mix in iter_mixes(root):
+            self._add(mix, "inotify_fallback", rerun=False)
 
     # -- events -------------------------------------------------------------------
 
@@ -117,6 +224,7 @@ class LibraryWatcher:
         """Something changed at `path`: remember what to check once it settles."""
         if is_dir:
             if event in ("created", "moved"):
+                self._check_room(path)
                 for mix in iter_mixes(path):
                     self._add(mix, f"folder_{event}", rerun=False)
             return
@@ -126,6 +234,16 @@ class LibraryWatcher:
         elif name.lower().startswith(STEM_PREFIXES) and not name.startswith("."):
             mix = path.parent / MIX_NAME
             self._add(mix, "stem_changed", rerun=True, watch=path)
+
+    def _check_room(self, folder: Path) -> None:
+        root = next((r for r in self.roots if self.methods.get(r) == "inotify" and folder.is_relative_to(r)), None)
+        if root is None or root in self._fallbacks:
+            return
+        problem = inotify_room(_folders(folder))
+        if problem:
+            # Not from here: this runs on the observer's own thread, which cannot join itself.
+            with self._lock:
+                self._fallbacks[root] = problem
 
     def _add(self, mix: Path, reason: str, *, rerun: bool, watch: Path | None = None) -> None:
         with self._lock:
@@ -140,13 +258,21 @@ class LibraryWatcher:
 
     def _settle_loop(self) -> None:
         tick = max(0.05, min(0.5, self.settle / 4))
+        next_root_check = 0.0
         while not self._stop.wait(tick):
             try:
+                if time.monotonic() >= next_root_check:
+                    next_root_check = time.monotonic() + ROOT_CHECK_INTERVAL
+                    self._check_roots()
                 self._settle_once()
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive a bad path
                 self.log.error("watcher_error", error=f"{type(exc).__name__}: {exc}")
 
     def _settle_once(self) -> None:
+        with self._lock:
+            fallbacks = [(r, why) for r, why in self._fallbacks.items() if self.methods.get(r) == "inotify"]
+        for root, problem in fallbacks:
+            self._switch_to_polling(root, problem)
         now = time.monotonic()
         with self._lock:
             items = list(self._pending.items())
@@ -170,9 +296,15 @@ class LibraryWatcher:
                     if quiet < self.settle * UNDECODABLE_PATIENCE:
                         continue
                     self.log.warning("undecodable_file", path=str(watched), error=str(exc))
-            self._drop(watched)
             if mix.is_file():
-                self.on_ready(mix, pending.reason, pending.rerun)
+                try:
+                    self.on_ready(mix, pending.reason, pending.rerun)
+                except Exception as exc:  # noqa: BLE001 - e.g. the queue's disk is full: keep it, try again
+                    pending.stable_since = now
+                    self.log.error("enqueue_failed", path=str(mix), error=f"{type(exc).__name__}: {exc}",
+                                   detail=f"kept; trying again in {self.settle:g} s")
+                    continue
+            self._drop(watched)
 
     def _drop(self, watched: Path) -> None:
         with self._lock:

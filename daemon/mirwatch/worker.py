@@ -15,7 +15,9 @@ shutdown can no longer write.
 
 from __future__ import annotations
 
+import errno
 import queue as stdlib_queue
+import sqlite3
 import threading
 import time
 import traceback
@@ -26,6 +28,11 @@ from .analyzers.base import AnalysisError, Cancelled
 from .audio import DecodeError
 from .pipeline import Pipeline, Prepared
 from .queue import Job, JobQueue
+
+# A full disk is not the track's fault: the job waits (its attempt is given
+# back) and claims pause, doubling from the first to the last figure, until a
+# write succeeds again.
+DISK_FULL_BACKOFF = (2.0, 60.0)
 
 
 @dataclass
@@ -53,6 +60,10 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self.done_count = 0
         self.failed_count = 0
+        # Non-empty while claims are paused; service shows it in systemd's STATUS=.
+        self.waiting = ""
+        self._resume_at = 0.0
+        self._backoff = DISK_FULL_BACKOFF[0]
 
     # -- control ----------------------------------------------------------------
 
@@ -108,9 +119,16 @@ class Worker:
 
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
+            if self._resume_at and self._stop.wait(max(0.0, self._resume_at - time.monotonic())):
+                break
             if not self._slots.acquire(timeout=0.5):
                 continue
-            job = None if self._stop.is_set() else self.jobs.claim()
+            try:
+                job = None if self._stop.is_set() else self.jobs.claim()
+            except Exception as exc:  # noqa: BLE001 - a queue that cannot be written must not kill the thread
+                self._slots.release()
+                self._pause(f"queue unavailable: {type(exc).__name__}: {exc}")
+                continue
             if job is None:
                 self._slots.release()
                 self._wake.wait(1.0)
@@ -174,6 +192,7 @@ class Worker:
             path = self.pipeline.write(prepared, on_corrupt=corrupt)
             self.jobs.complete(flight.job)
             self._in_flight.pop(flight.job.id, None)
+        self._resumed()
         self._slots.release()
         self.done_count += 1
         total = time.monotonic() - prepared.started
@@ -191,10 +210,31 @@ class Worker:
             self._in_flight.pop(flight.job.id, None)
         self._slots.release()
 
+    def _pause(self, reason: str) -> None:
+        self.waiting = reason
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, DISK_FULL_BACKOFF[1])
+        self._resume_at = time.monotonic() + delay
+        self.log.error("worker_waiting", error=reason, retry_in=delay,
+                       detail="no job is lost: claims resume when writes succeed again")
+
+    def _resumed(self) -> None:
+        if self._resume_at:
+            self.log.info("worker_resumed", after=self.waiting)
+        self.waiting, self._resume_at, self._backoff = "", 0.0, DISK_FULL_BACKOFF[0]
+
     def _failed(self, flight: _InFlight, log: Any, exc: BaseException) -> None:
         with self._commit:
             if flight.abandoned:
                 pass
+            elif _disk_full(exc):
+                try:
+                    self.jobs.release(flight.job)
+                except Exception:  # noqa: BLE001 - the queue is on the full disk too: recover() requeues it
+                    pass
+                log.error("job_waiting", error=f"disk full: {exc}", state="queued",
+                          detail="the existing sidecar is untouched; the job runs again when space returns")
+                self._pause(f"disk full: {exc}")
             elif isinstance(exc, Cancelled):
                 self.jobs.release(flight.job)
                 log.info("job_requeued", reason="daemon stopping")
@@ -211,14 +251,24 @@ class Worker:
             raise exc  # KeyboardInterrupt/SystemExit: not ours to swallow
 
 
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # SQLite says SQLITE_FULL as "database or disk is full".
+    return isinstance(exc, sqlite3.OperationalError) and "is full" in str(exc)
+
+
 def _describe(exc: BaseException, job: Job) -> tuple[bool, str]:
     """(permanent?, one-line reason). Bad input is permanent; the rest may be transient."""
     if isinstance(exc, DecodeError):
         return True, str(exc)
     if isinstance(exc, FileNotFoundError):
         return True, f"{job.path.name}: file vanished before it could be analysed"
-    if isinstance(exc, PermissionError):
-        return False, f"permission denied: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return True, f"cannot write the sidecar: {exc.strerror}"
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
+        return False, (f"cannot write in the track folder ({exc.strerror}: {exc.filename or exc}); "
+                       "make it writable, then `mirwatch retry`")
     if isinstance(exc, AnalysisError):
         return False, str(exc)
     if isinstance(exc, OSError):
