@@ -161,22 +161,29 @@ class FlamingoAnalyzer(Analyzer):
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"{folder}: cannot load Music Flamingo: {text}") from None
-        self._eos_ids = _as_list(self.model.generation_config.eos_token_id) or _as_list(
-            self.processor.tokenizer.eos_token_id
-        )
-        self._pad_id = self.model.generation_config.pad_token_id
-        if self._pad_id is None:
-            self._pad_id = self.processor.tokenizer.pad_token_id
+        self.attach(self.model, self.processor)
         log.info(
             "Music Flamingo loaded from %s on %s (%s, %s)",
             folder, self.device, self.cfg.dtype, self.attn_implementation,
         )
 
+    def attach(self, model: Any, processor: Any) -> None:
+        """Use an already built model (the benchmark's in-memory full-size one)."""
+        self.model, self.processor = model, processor
+        self.device = model.device
+        self._eos_ids = _as_list(model.generation_config.eos_token_id) or _as_list(processor.tokenizer.eos_token_id)
+        self._pad_id = model.generation_config.pad_token_id
+        if self._pad_id is None:
+            self._pad_id = processor.tokenizer.pad_token_id
+
     def _checkpoint_files(self, folder: Path) -> list[str]:
         names = sorted(
             f"{self.model_name}/{p.relative_to(folder).as_posix()}"
             for p in folder.rglob("*")
-            if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+            if p.is_file()
+            and p.suffix in _CHECKPOINT_SUFFIXES
+            # Hub downloads keep bookkeeping under .cache/ inside the folder.
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         )
         if not any(n.endswith(".safetensors") for n in names):
             raise ModelLoadError(f"{folder}: no .safetensors weights (run 'mirwatch models fetch')")
