@@ -69,11 +69,15 @@ def onset_envelope(spectra: Spectra) -> np.ndarray:
     mag = spectra.magnitude
     if mag.shape[0] < 2:
         return np.zeros(mag.shape[0])
-    scale = float(np.mean(np.linalg.norm(mag, axis=1)))
+    scale = float(np.mean(np.sqrt(np.einsum("ij,ij->i", mag, mag, dtype=np.float64))))
     if scale <= 0.0:
         return np.zeros(mag.shape[0])
-    rise = np.maximum(np.diff(mag, axis=0), 0.0)
-    env = np.concatenate([[0.0], np.linalg.norm(rise, axis=1) / scale])
+    env = np.zeros(mag.shape[0])
+    # In blocks: the whole-track difference matrix would be as large as the spectrogram.
+    for start in range(1, mag.shape[0], 4096):
+        block = mag[start - 1 : start + 4096]
+        rise = np.maximum(np.diff(block, axis=0), 0.0)
+        env[start : start + rise.shape[0]] = np.linalg.norm(rise, axis=1) / scale
     return env
 
 

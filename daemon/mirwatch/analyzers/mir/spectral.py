@@ -40,6 +40,7 @@ BANDS = {
     "rms_energy_air": (2500.0, 22000.0),
 }
 SILENT_FRAME_DB = -100.0
+BLOCK_FRAMES = 4096
 SHAPE_KEYS = ("spectral_flatness", "spectral_flux", "spectral_skewness", "spectral_kurtosis")
 
 
@@ -69,46 +70,64 @@ def spectral_shape(spectra: Spectra) -> Measured:
         for key in SHAPE_KEYS:
             out.omit(key, "no frame above -100 dBFS (silence)")
         return out
-    mag = spectra.magnitude[loud]
-    power = mag * mag
-    # log(0) from exact zeros would turn a near-tone into -inf; a floor far below any real bin keeps it finite.
-    log_power = np.log(power + np.float32(1e-20))
-    geometric = np.exp(log_power.mean(axis=1, dtype=np.float64))
-    out.put("spectral_flatness", float(np.mean(geometric / power.mean(axis=1, dtype=np.float64))))
-
-    norms = np.sqrt(np.einsum("ij,ij->i", spectra.magnitude, spectra.magnitude, dtype=np.float64))
-    unit = spectra.magnitude / np.maximum(norms, 1e-30)[:, None].astype(np.float32)
-    steps = np.linalg.norm(np.diff(unit, axis=0), axis=1)
-    both_loud = loud[1:] & loud[:-1]
-    if both_loud.any():
-        out.put("spectral_flux", float(np.mean(steps[both_loud])))
+    per_frame = {name: [] for name in ("flatness", "flux", "skewness", "kurtosis")}
+    # In blocks of frames: a 20-minute track's spectrogram is 200 MB, and each
+    # whole-matrix temporary would be as large again.
+    for block in range(0, spectra.magnitude.shape[0], BLOCK_FRAMES):
+        # One frame of overlap, for the flux across the block boundary.
+        first = max(block - 1, 0)
+        mag = spectra.magnitude[first : block + BLOCK_FRAMES]
+        keep = loud[first : block + BLOCK_FRAMES]
+        own = keep[block - first :]
+        flatness, skewness, kurtosis = _frame_shape(mag[block - first :][own], spectra.frequencies)
+        per_frame["flatness"].append(flatness)
+        per_frame["skewness"].append(skewness)
+        per_frame["kurtosis"].append(kurtosis)
+        norms = np.sqrt(np.einsum("ij,ij->i", mag, mag, dtype=np.float64))
+        unit = mag / np.maximum(norms, 1e-30)[:, None].astype(np.float32)
+        steps = np.linalg.norm(np.diff(unit, axis=0), axis=1)
+        per_frame["flux"].append(steps[keep[1:] & keep[:-1]])
+    merged = {name: np.concatenate(parts) for name, parts in per_frame.items()}
+    out.put("spectral_flatness", float(np.mean(merged["flatness"])))
+    if merged["flux"].size:
+        out.put("spectral_flux", float(np.mean(merged["flux"])))
     else:
         out.omit("spectral_flux", "no two consecutive frames above -100 dBFS")
-
-    skew, kurt = _shape_moments(mag, spectra.frequencies)
-    out.put("spectral_skewness", skew)
-    out.put("spectral_kurtosis", kurt)
+    # A frame whose energy sits in one bin has no spread, so no shape: it is skipped, not zero.
+    for name in ("skewness", "kurtosis"):
+        values = merged[name][np.isfinite(merged[name])]
+        if values.size:
+            out.put(f"spectral_{name}", float(np.mean(values)))
+        else:
+            out.omit(f"spectral_{name}", "no frame with spectral spread")
     return out
 
 
-def _shape_moments(mag: np.ndarray, freqs: np.ndarray) -> tuple[float, float]:
-    """Mean skewness and excess kurtosis of each frame's magnitude over frequency."""
+def _frame_shape(mag: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame: flatness of the power spectrum, skewness and excess kurtosis of the magnitude."""
+    power = mag * mag
+    # log(0) from exact zeros would turn a near-tone into -inf; a floor far below any real bin keeps it finite.
+    geometric = np.exp(np.log(power + np.float32(1e-20)).mean(axis=1, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        flatness = geometric / power.mean(axis=1, dtype=np.float64)
+    skewness, kurtosis = _shape_moments(mag, freqs)
+    return flatness[np.isfinite(flatness)], skewness, kurtosis
+
+
+def _shape_moments(mag: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Skewness and excess kurtosis of each frame's magnitude over frequency (NaN without spread)."""
     # Raw moments by matrix products (one pass each), in kHz so that the fourth power stays small.
     khz = freqs / 1000.0
-    mass = mag.sum(axis=1, dtype=np.float64)
     wide = mag.astype(np.float64)
-    raw = [wide @ khz**k / mass for k in (1, 2, 3, 4)]
-    c = raw[0]
-    m2 = raw[1] - c**2
-    m3 = raw[2] - 3 * c * raw[1] + 2 * c**3
-    m4 = raw[3] - 4 * c * raw[2] + 6 * c**2 * raw[1] - 3 * c**4
-    # A frame whose energy sits in one bin has no spread; its shape is undefined, not zero.
-    ok = m2 > 1e-12
-    if not ok.any():
-        return float("nan"), float("nan")
-    skew = m3[ok] / m2[ok] ** 1.5
-    kurt = m4[ok] / m2[ok] ** 2 - 3.0
-    return float(np.mean(skew)), float(np.mean(kurt))
+    mass = wide.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = [wide @ khz**k / mass for k in (1, 2, 3, 4)]
+        c = raw[0]
+        m2 = raw[1] - c**2
+        m3 = raw[2] - 3 * c * raw[1] + 2 * c**3
+        m4 = raw[3] - 4 * c * raw[2] + 6 * c**2 * raw[1] - 3 * c**4
+        spread = np.where(m2 > 1e-12, m2, np.nan)
+        return m3 / spread**1.5, m4 / spread**2 - 3.0
 
 
 def band_energy(spectra: Spectra) -> Measured:
