@@ -14,6 +14,15 @@ What is compared:
   apart (both are common readings of the same music), "!" anything else.
 - onsets: librosa's ``onset.onset_detect`` (default settings); F is the
   F-measure of matching the two onset lists one to one within ±50 ms.
+
+Result on the 35 Wesnoth tracks of 30 s or more (2026-11-25, essentia
+2.1b6.dev1389, pyloudnorm 0.2.0, librosa 0.11.0): lufs median |Δ| 0.02 LU
+(max 0.14), lra median |Δ| 0.03 LU (max 0.4); bpm: 10 tracks at the same
+reading (median |Δ| 1.0 BPM, librosa's tempo grid being that coarse), 3 an
+octave or 3:2 apart, 12 other readings of this mostly orchestral music, and
+10 tracks without a pulse by our criterion (librosa always answers);
+onsets: median F(±50 ms) 0.70; librosa finds far more onsets in soft,
+legato pieces.
 """
 
 from __future__ import annotations
