@@ -120,3 +120,193 @@ def test_disk_full_under_the_queue_waits_and_loses_no_track(daemon_factory, tmp_
         assert all("full" in e["error"] for e in complaints), complaints[:3]
         print("QUEUE_DISK_FULL", dict(Counter(e["event"] for e in complaints)), complaints[0]["error"])
         assert d.stop() == 0
+
+
+def _replace(mix: Path, seconds: float, seed: int) -> None:
+    """The way a tagger or rsync replaces a file: write beside it, rename over it."""
+    tmp = mix.with_name(".full_mix.flac.new")
+    tmp.write_bytes(small_flac(seconds, seed=seed))
+    os.replace(tmp, mix)
+
+
+def test_library_changing_under_the_daemon(daemon_factory, tmp_path):
+    need_root("a read-only bind mount")
+    d = daemon_factory(ESSENTIA_ONLY)
+    cli = [sys.executable, "-m", "mirwatch.cli"]
+    conf = ["--config", str(d.config)]
+    # While stopped: two tracks queued, then one deleted and one replaced before any analysis.
+    write_track(d.lib / "DeletedQ", seed=1)
+    write_track(d.lib / "ReplacedQ", seed=2)
+    write_track(d.lib / "ReadOnly", seed=3)
+    subprocess.run(cli + ["scan"] + conf, check=True, timeout=60, capture_output=True)
+    (d.lib / "DeletedQ" / "full_mix.flac").unlink()
+    _replace(d.lib / "ReplacedQ" / "full_mix.flac", 4, seed=22)
+    ro = d.lib / "ReadOnly"
+    subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        d.start()
+        d.wait_for(lambda: d.status()["counts"]["failed"] == 2, timeout=180, what="DeletedQ and ReadOnly failed")
+        failures = {Path(j["path"]).parent.name: j["last_error"] for j in d.status()["recent_failures"]}
+        assert "vanished" in failures["DeletedQ"]
+        assert "Read-only file system" in failures["ReadOnly"] and "mirwatch retry" in failures["ReadOnly"]
+        assert not info_path(ro).exists() and not debris(d.lib)
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+    subprocess.run(cli + ["retry"] + conf + [str(ro / "full_mix.flac")], check=True, timeout=60,
+                   capture_output=True)
+    d.wait_event("sidecar_written", timeout=120, path=str(ro / "full_mix.flac"))
+    valid_info(ro)
+    valid_info(d.lib / "ReplacedQ")
+
+    # Replaced while being analysed: the job finishes, then the new file is analysed again.
+    long_mix = write_track(d.lib / "Replaced", 900, seed=4)
+    d.wait_event("job_started", timeout=120, path=str(long_mix))
+    _replace(long_mix, 3, seed=44)
+    d.wait_for(lambda: per_track(d, "sidecar_written")[str(long_mix)] == 2, timeout=180,
+               what="Replaced analysed again")
+    valid_info(d.lib / "Replaced")
+
+    # Renamed while being analysed: nothing is written under the old name, the new one is analysed.
+    moving = write_track(d.lib / "Moving", 900, seed=5)
+    d.wait_event("job_started", timeout=120, path=str(moving))
+    os.rename(d.lib / "Moving", d.lib / "Moved")
+    d.wait_event("sidecar_written", timeout=180, path=str(d.lib / "Moved" / "full_mix.flac"))
+    valid_info(d.lib / "Moved")
+    assert not (d.lib / "Moving").exists()
+
+    # The root removed and restored (as an unmount would): noticed, watched again, new tracks found.
+    away = tmp_path / "lib.away"
+    os.rename(d.lib, away)
+    d.wait_event("root_missing", timeout=60)
+    write_track(away / "WhileAway", seed=6)
+    os.rename(away, d.lib)
+    d.wait_event("root_restored", timeout=60)
+    d.wait_event("sidecar_written", timeout=120, path=str(d.lib / "WhileAway" / "full_mix.flac"))
+    valid_info(d.lib / "WhileAway")
+    assert d.wait_for(lambda: d.status()["counts"]["queued"] == 0 and d.status()["counts"]["running"] == 0,
+                      timeout=120, what="queue drained")
+
+    written = per_track(d, "sidecar_written")
+    assert written[str(d.lib / "ReplacedQ" / "full_mix.flac")] == 1 and written[str(ro / "full_mix.flac")] == 1
+    assert d.proc.poll() is None and not d.events("watcher_error")
+    assert not debris(d.lib)
+    assert d.stop() == 0
+
+
+def test_queue_corrupted_or_deleted_is_rebuilt_from_a_scan(daemon_factory):
+    d = daemon_factory(ESSENTIA_ONLY)
+    for i in range(3):
+        write_track(d.lib / f"Q{i}", seed=i)
+    d.start()
+    d.wait_event("sidecar_written", count=3, timeout=180)
+    db = d.root / "state" / "queue.sqlite3"
+    assert db.exists(), sorted(p.name for p in db.parent.iterdir())
+    # Deleted while the daemon runs; it notices at its next start.
+    for side in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        side.unlink(missing_ok=True)
+    assert d.stop() == 0
+    write_track(d.lib / "New1", seed=7)
+    d.start()
+    d.wait_event("queue_missing", timeout=120)
+    d.wait_event("sidecar_written", count=4, timeout=180)
+    assert per_track(d, "sidecar_written")[str(d.lib / "New1" / "full_mix.flac")] == 1
+    assert d.stop() == 0
+
+    # Corrupted: garbage over the header and the first pages.
+    with open(db, "r+b") as f:
+        f.write(os.urandom(8192))
+    for side in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+        side.unlink(missing_ok=True)
+    write_track(d.lib / "New2", seed=8)
+    d.start()
+    corrupt = d.wait_event("queue_corrupt", timeout=120)[0]
+    assert "rebuilding" in corrupt["detail"]
+    d.wait_event("sidecar_written", count=5, timeout=180)
+    assert list(db.parent.glob("queue.sqlite3.corrupt-*"))
+    scan = d.wait_event("scan_done", count=3, timeout=60)[-1]
+    assert (scan["tracks"], scan["fresh"], scan["queued"]) == (5, 4, 1)
+    written = per_track(d, "sidecar_written")
+    assert all(n == 1 for n in written.values()) and len(written) == 5, written  # nothing analysed twice
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_broken_model_file_stops_start_up_with_one_clear_error(daemon_factory, tiny_models, tmp_path, damage):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    victim = models / "essentia" / "genre_discogs400-discogs-effnet-1.pb"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    d = daemon_factory(ESSENTIA_ONLY)
+    d.write_config(models, ESSENTIA_ONLY)
+    d.start()
+    code = d.proc.wait(180)
+    assert code == 3
+    errors = [e for e in d.events() if e.get("level") in ("error", "critical")]
+    assert len(errors) == 1, errors
+    assert str(victim) in errors[0]["error"] and "mirwatch models verify" in errors[0]["error"]
+    assert not d.events("ready")
+
+
+def test_too_few_inotify_watches_falls_back_to_polling_and_misses_nothing(daemon_factory, tmp_path,
+                                                                           tiny_models):
+    why = can_unshare_userns()
+    if why:
+        pytest.skip(why)
+    root = tmp_path / "ns"
+    d = LimitedDaemon(root, tiny_models, ESSENTIA_ONLY.replace("[flamingo]", "[library]\npoll_interval = 1.0\n"
+                                                                             "[flamingo]", 1))
+    # conftest's config already has [library]; put poll_interval there instead of a second table.
+    d.config.write_text(d.config.read_text().replace("[library]\npoll_interval = 1.0\n", "")
+                        .replace("settle_seconds = 0.5\n", "settle_seconds = 0.5\npoll_interval = 1.0\n", 1))
+    for i in range(12):  # 13 folders with the root: more than the 8 watches allowed
+        (d.lib / f"Artist{i}").mkdir()
+    write_track(d.lib / "Artist0" / "Before", seed=1)
+    try:
+        d.start()
+        limit = d.wait_event("inotify_limit", timeout=180)[0]
+        assert "inotify watch limit" in limit["error"] and "polling" in limit["detail"]
+        assert d.wait_event("watching", timeout=30)[0]["method"] == "polling"
+        d.wait_event("sidecar_written", timeout=120)
+        # Deep inside a folder inotify could never have watched.
+        deep = write_track(d.lib / "Artist11" / "Album" / "Track", seed=2)
+        d.wait_event("sidecar_written", timeout=120, path=str(deep))
+        valid_info(deep.parent)
+        assert per_track(d, "sidecar_written") == {str(d.lib / "Artist0" / "Before" / "full_mix.flac"): 1,
+                                                  str(deep): 1}
+        assert d.stop() == 0
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+
+
+def test_inotify_limit_reached_as_the_library_grows_switches_to_polling(tmp_path, tiny_models):
+    why = can_unshare_userns()
+    if why:
+        pytest.skip(why)
+    d = LimitedDaemon(tmp_path / "grow", tiny_models, ESSENTIA_ONLY)
+    d.config.write_text(d.config.read_text().replace("settle_seconds = 0.5\n",
+                                                     "settle_seconds = 0.5\npoll_interval = 1.0\n", 1))
+    try:
+        d.start()
+        assert d.wait_event("watching", timeout=180)[0]["method"] == "inotify"
+        d.wait_event("ready", timeout=60)
+        # One folder tree deeper than the 8 watches: everything below the limit is invisible to inotify.
+        deep = d.lib / "A" / "B" / "C" / "D" / "E" / "F" / "G" / "H" / "I" / "Track"
+        write_track(deep, seed=3)
+        d.wait_event("inotify_limit", timeout=60)
+        d.wait_event("sidecar_written", timeout=120, path=str(deep / "full_mix.flac"))
+        later = write_track(d.lib / "A" / "B" / "C" / "D" / "E" / "F" / "G" / "H" / "I" / "Later", seed=4)
+        d.wait_event("sidecar_written", timeout=120, path=str(later))
+        assert [e["method"] for e in d.events("watching")] == ["inotify", "polling"]
+        assert d.stop() == 0
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
