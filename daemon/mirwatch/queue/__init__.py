@@ -30,15 +30,13 @@ def open_queue(cfg: Config, log: Any) -> JobQueue:
     host = q.host_name or None
     if q.backend == "postgres":
         try:
-            from .postgres import PostgresQueue, redact
+            from .postgres import PostgresQueue
         except ImportError as exc:  # psycopg missing
             raise QueueUnavailable(
                 f"queue.backend = \"postgres\" needs psycopg: pip install 'mirwatch[postgres]' ({exc})") from None
-        queue = PostgresQueue(q.dsn, roots=cfg.library.root_map, max_attempts=cfg.worker.max_attempts,
-                              host=host, password=queue_password(cfg), lease_seconds=q.lease_seconds,
-                              reconnect_timeout=q.reconnect_timeout, log=log)
-        log.debug("queue_opened", backend="postgres", dsn=redact(q.dsn), host=queue.host)
-        return queue
+        return PostgresQueue(q.dsn, roots=cfg.library.root_map, max_attempts=cfg.worker.max_attempts,
+                             host=host, password=queue_password(cfg), lease_seconds=q.lease_seconds,
+                             reconnect_timeout=q.reconnect_timeout, log=log)
     path = cfg.queue_path
     try:
         return SQLiteQueue(path, max_attempts=cfg.worker.max_attempts, host=host)

@@ -123,6 +123,9 @@ class PostgresQueue:
             "application_name": f"mirwatch {self.worker}"[:63],
             # Notice a dead server or a cut network within ~25 s rather than hanging.
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            # A host frozen inside a transaction would hold its row locks, and
+            # SKIP LOCKED would skip that job forever: let the server end it.
+            "options": f"-c idle_in_transaction_session_timeout={max(1000, int(self.lease_seconds * 1000))}",
         }
         if self._password is not None:
             kwargs["password"] = self._password
