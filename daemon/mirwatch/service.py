@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import notify, reconcile
+from . import notify, reconcile, sidecar
 from .analyzers.base import ModelLoadError
 from .config import Config
 from .pipeline import Pipeline
@@ -62,6 +62,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         cfg.state.dir.mkdir(parents=True, exist_ok=True)
+        sidecar.confine(list(cfg.library.roots))
         log.info("starting", config=str(cfg.path), roots=[str(r) for r in cfg.library.roots],
                  state_dir=str(cfg.state.dir), models_dir=str(cfg.models.dir), pid=os.getpid())
 
@@ -168,7 +169,8 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - a missed beat is retried next tick
             self.log.error("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        for job in lost:
+        in_flight = worker.current()  # a job that finished meanwhile was not lost
+        for job in (j for j in lost if j in in_flight):
             self.log.warning("lease_lost", job_id=job.id, path=str(job.path),
                              detail="another host may take this job over; its result will not be written")
 
