@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import notify, reconcile, sidecar
+from . import notify, reconcile
 from .analyzers.base import ModelLoadError
 from .config import Config
 from .pipeline import Pipeline
@@ -62,7 +62,6 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         cfg.state.dir.mkdir(parents=True, exist_ok=True)
-        sidecar.confine(list(cfg.library.roots))
         log.info("starting", config=str(cfg.path), roots=[str(r) for r in cfg.library.roots],
                  state_dir=str(cfg.state.dir), models_dir=str(cfg.models.dir), pid=os.getpid())
 
