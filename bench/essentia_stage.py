@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -164,12 +165,23 @@ def bench_track(folder: Path, source: Path) -> Path:
     return out
 
 
-def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:
-    times, result = [], None
+CPU_SECONDS: dict[str, float] = {}
+
+
+def timed(fn: Callable[[], object], repeats: int = 1, label: str | None = None) -> tuple[float, object]:
+    """Median wall seconds; process CPU seconds are kept under `label`.
+
+    CPU time shows what a part costs when other jobs share the cores, which
+    the wall time alone hides on a busy machine.
+    """
+    times, cpu, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    if label:
+        CPU_SECONDS[label] = statistics.median(cpu)
     return statistics.median(times), result
 
 
@@ -196,38 +208,42 @@ def main() -> int:
             analyzers[family] = analyzer
             print(f"  load {family}: {t:.1f} s", file=sys.stderr)
 
-        decode_s, audio = timed(lambda: decode(flac))
+        decode_s, audio = timed(lambda: decode(flac), label="decode")
         duration = audio.duration
-        resample_s, signal = timed(lambda: audio.mono_16k)
+        resample_s, signal = timed(lambda: audio.mono_16k, label="resample")
         rows: dict[str, dict[str, float]] = {f: {"decode": decode_s, "resample": resample_s} for f in analyzers}
         effnet = analyzers["effnet"]
-        embed_s, embeddings = timed(lambda: effnet._embed(signal, "bench"))
+        embed_s, embeddings = timed(lambda: effnet._embed(signal, "bench"), label="embeddings")
         for family, analyzer in analyzers.items():
             rows[family]["embeddings"] = embed_s
             for head in analyzer._effnet_heads:
-                rows[family][head.key] = timed(lambda: head.algorithm(embeddings), 3)[0]
+                rows[family][head.key] = timed(lambda: head.algorithm(embeddings), 3, label=head.key)[0]
             for head in analyzer._vggish_heads:
-                rows[family][head.key + " (vggish)"] = timed(lambda: head.algorithm(signal))[0]
-        # The product path end to end (decode excluded: the worker shares it).
+                part = head.key + " (vggish)"
+                rows[family][part] = timed(lambda: head.algorithm(signal), label=part)[0]
+        # The product path end to end, plus the decode and resampling it shares with other analyzers.
         totals = {}
         for family, analyzer in analyzers.items():
             track = Track(flac=flac, audio=audio)
-            totals[family] = timed(lambda: analyzer.analyze(track))[0] + decode_s + resample_s
+            totals[family] = timed(lambda: analyzer.analyze(track), label=f"analyze {family}")[0] + decode_s + resample_s
 
     parts = list(dict.fromkeys(p for r in rows.values() for p in r))
     print(f"\nEssentia stage on {args.track.name}: {duration:.1f} s of audio, {embeddings.shape[0]} EffNet patches\n")
-    print(f"{'part':34}{'effnet s':>10}{'x RT':>9}{'vggish s':>12}{'x RT':>9}")
+    print(f"{'part':28}{'effnet s':>10}{'x RT':>8}{'vggish s':>11}{'x RT':>8}{'CPU s':>9}")
     for part in parts:
         cells = []
         for family in ("effnet", "vggish"):
             s = rows[family].get(part)
-            cells.append(f"{s:10.3f}{duration / s:9.0f}" if s else f"{'-':>10}{'':9}")
-        print(f"{part:34}{cells[0]}  {cells[1]}")
+            cells.append(f"{s:10.3f}{duration / s:8.0f}" if s else f"{'-':>10}{'':8}")
+        print(f"{part:28}{cells[0]} {cells[1]}{CPU_SECONDS.get(part, 0.0):9.2f}")
     sums = {f: sum(rows[f].values()) for f in rows}
-    print(f"{'sum of parts':34}{sums['effnet']:10.3f}{duration / sums['effnet']:9.1f}"
-          f"  {sums['vggish']:10.3f}{duration / sums['vggish']:9.1f}")
-    print(f"{'total (decode + analyze())':34}{totals['effnet']:10.3f}{duration / totals['effnet']:9.1f}"
-          f"  {totals['vggish']:10.3f}{duration / totals['vggish']:9.1f}")
+    print(f"{'sum of parts':28}{sums['effnet']:10.3f}{duration / sums['effnet']:8.1f}"
+          f" {sums['vggish']:10.3f}{duration / sums['vggish']:8.1f}")
+    print(f"{'decode+resample+analyze()':28}{totals['effnet']:10.3f}{duration / totals['effnet']:8.1f}"
+          f" {totals['vggish']:10.3f}{duration / totals['vggish']:8.1f}")
+    print(f"CPU seconds in analyze(): effnet {CPU_SECONDS['analyze effnet']:.2f},"
+          f" vggish {CPU_SECONDS['analyze vggish']:.2f}; load average at the end {os.getloadavg()[0]:.1f}"
+          f" on {os.cpu_count()} CPUs")
     dance_effnet = rows["effnet"]["danceability"] + rows["effnet"]["atonality"]
     dance_vggish = rows["vggish"]["danceability (vggish)"] + rows["vggish"]["atonality (vggish)"]
     ratio = totals["vggish"] / totals["effnet"]
