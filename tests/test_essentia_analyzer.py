@@ -276,3 +276,16 @@ def test_metadata_without_the_scalar_label_is_refused(essentia_models, tmp_path)
     store.record({name: store.sha256(name, verify=False)})
     with pytest.raises(ModelLoadError, match="no class named 'danceable'"):
         EssentiaAnalyzer(EssentiaConfig(), store).load()
+
+
+def test_node_name_missing_from_the_graph_fails_at_load(essentia_models, tmp_path):
+    broken = tmp_path / "models"
+    shutil.copytree(essentia_models, broken)
+    name = "essentia/tonal_atonal-vggish-audioset-1.json"
+    meta = json.loads((broken / name).read_text())
+    meta["schema"]["outputs"][0]["name"] = "model/Softmax"
+    (broken / name).write_text(json.dumps(meta))
+    store = ModelStore(broken)
+    store.record({name: store.sha256(name, verify=False)})
+    with pytest.raises(ModelLoadError, match=r"tonal_atonal-vggish-audioset-1.pb: .*'model/Softmax' is not a valid node"):
+        EssentiaAnalyzer(EssentiaConfig(danceability_atonality="vggish"), store).load()
