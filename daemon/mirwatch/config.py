@@ -214,6 +214,23 @@ class FlamingoConfig:
     # over it is handled like running out of GPU memory: the batch is retried
     # one prompt at a time. Keeps Flamingo inside its share of a shared GPU.
     kv_cache_limit_mb: float = 0.0
+    # "gguf": the quantised llama.cpp builds of nvidia/music-flamingo-hf, run by a
+    # resident llama-server child (same keys, prompts, limits and normalisation).
+    backend: Literal["transformers", "gguf"] = "transformers"
+    # Which published quantisation: file flamingo-gguf/music-flamingo-hf.<quant>.gguf
+    # (imatrix builds such as Q6_K and IQ3_M as .i1-<quant>.gguf); `gguf_model`
+    # names another file in the model dir instead.
+    gguf_quant: str = "Q8_0"
+    gguf_model: str = ""
+    gguf_mmproj: str = "flamingo-gguf/music-flamingo-hf.mmproj-f16.gguf"
+    # The llama-server binary; empty: $MIRWATCH_LLAMA_SERVER, PATH, then
+    # ~/.cache/mirwatch-llama/*/bin (where scripts/build_llama_cpp.sh puts it).
+    llama_server: str = ""
+    # Parallel slots (prompts decoded together) and the audio each slot must hold.
+    gguf_parallel: int = 5
+    gguf_max_audio_seconds: float = 600.0
+    # Layers offloaded to the GPU (-1: llama.cpp decides what fits; ignored by a CPU build).
+    gguf_gpu_layers: int = -1
     prompts: dict[str, FlamingoPrompt] = field(default_factory=_default_flamingo_prompts)
 
     def __post_init__(self) -> None:
@@ -234,6 +251,10 @@ class FlamingoConfig:
             raise ConfigError("flamingo: sampling needs temperature > 0 and 0 < top_p <= 1")
         if self.repetition_penalty <= 0 or self.kv_cache_limit_mb < 0:
             raise ConfigError("flamingo: repetition_penalty must be > 0 and kv_cache_limit_mb >= 0")
+        if self.gguf_parallel < 1 or self.gguf_max_audio_seconds <= 0:
+            raise ConfigError("flamingo: gguf_parallel must be >= 1 and gguf_max_audio_seconds > 0")
+        if not self.gguf_quant or "/" in self.gguf_quant:
+            raise ConfigError("flamingo.gguf_quant must be a quantisation name such as 'Q8_0'")
 
 
 @dataclass(frozen=True)
