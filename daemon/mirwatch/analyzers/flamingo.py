@@ -16,14 +16,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
+import structlog
 import torch
 
 from ..config import FlamingoConfig, FlamingoPrompt
@@ -31,7 +31,7 @@ from ..models.store import ModelStore
 from ..textnorm import normalize
 from .base import AnalysisError, Analyzer, Cancelled, ModelLoadError, Result, Track
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 SAMPLE_RATE = 16_000
 KEY_PREFIX = "music_flamingo_"
@@ -95,7 +95,6 @@ class _Prepared:
     features: torch.Tensor
     features_mask: torch.Tensor
     tails: dict[str, list[int]]  # prompt name -> ids after the audio
-    chats: dict[str, str]  # prompt name -> full chat text (for the naive path)
     feature_seconds: float
 
 
@@ -162,10 +161,8 @@ class FlamingoAnalyzer(Analyzer):
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"{folder}: cannot load Music Flamingo: {text}") from None
         self.attach(self.model, self.processor)
-        log.info(
-            "Music Flamingo loaded from %s on %s (%s, %s)",
-            folder, self.device, self.cfg.dtype, self.attn_implementation,
-        )
+        log.info("flamingo_loaded", path=str(folder), device=str(self.device), dtype=self.cfg.dtype,
+                 attn_implementation=self.attn_implementation)
 
     def attach(self, model: Any, processor: Any) -> None:
         """Use an already built model (the benchmark's in-memory full-size one)."""
@@ -283,8 +280,8 @@ class FlamingoAnalyzer(Analyzer):
         # Outside the except block, so the traceback's frames (holding the big
         # tensors) are gone before the allocator is asked to give memory back.
         _release_memory()
-        log.warning("Music Flamingo ran out of memory with %d prompts batched (%s); retrying one by one",
-                    len(prompts), failure)
+        log.warning("flamingo_out_of_memory", prompts=len(prompts), error=failure,
+                    action="retrying one prompt at a time")
         try:
             run = self._describe(audio, prompts, seed=seed, cancel=cancel, batched=False)
         except Exception as exc:  # noqa: BLE001
@@ -359,7 +356,6 @@ class FlamingoAnalyzer(Analyzer):
             features=inputs["input_features"],
             features_mask=inputs["input_features_mask"],
             tails=tails,
-            chats=chats,
             feature_seconds=feature_s,
         )
 
@@ -638,6 +634,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def iter_prompt_keys(cfg: FlamingoConfig) -> Iterator[str]:
-    """The sidecar keys this config writes."""
-    return (KEY_PREFIX + name for name in cfg.prompts)
+def sidecar_keys(cfg: FlamingoConfig) -> list[str]:
+    """The sidecar keys a config's prompts write, in prompt order."""
+    return [KEY_PREFIX + name for name in cfg.prompts]
