@@ -65,14 +65,16 @@ class Audio:
 
 
 def resample(signal: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Band-limited resampling with Essentia's libsamplerate binding."""
+    """Band-limited resampling with libsoxr (HQ).
+
+    soxr is about 40x cheaper than Essentia's libsamplerate binding at
+    comparable quality, and resampling was half of the Essentia stage's cost.
+    """
     if rate_in == rate_out or signal.size == 0:
         return np.ascontiguousarray(signal, dtype=np.float32)
-    import essentia.standard as es  # deferred: importing essentia loads TensorFlow
+    import soxr
 
-    out = es.Resample(inputSampleRate=float(rate_in), outputSampleRate=float(rate_out), quality=1)(
-        np.ascontiguousarray(signal, dtype=np.float32)
-    )
+    out = soxr.resample(np.ascontiguousarray(signal, dtype=np.float32), rate_in, rate_out, quality="HQ")
     return np.asarray(out, dtype=np.float32)
 
 
