@@ -21,6 +21,8 @@ BUILTIN_DEFAULTS: dict[str, str] = {
     # Essentia's bundled TensorFlow must not reserve the GPU memory Flamingo needs.
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # essentia-tensorflow's TF 2.5 dies of SIGFPE with oneDNN kernels enabled.
+    "TF_ENABLE_ONEDNN_OPTS": "0",
     "TOKENIZERS_PARALLELISM": "false",
     # Models are loaded from the model dir only; never reach for a hub at run time.
     "HF_HUB_OFFLINE": "1",
