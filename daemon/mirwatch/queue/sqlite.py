@@ -80,7 +80,7 @@ class SQLiteQueue:
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.execute("PRAGMA quick_check").fetchone()
@@ -352,6 +352,20 @@ class _Transaction:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self._lock.release()
+
+
+def _set_wal(db: sqlite3.Connection) -> None:
+    # Two processes opening a brand-new file at once (the daemon starting,
+    # `mirwatch status` polling it) race for the switch to WAL, and SQLite
+    # answers "locked" at once rather than waiting: try again briefly.
+    for attempt in range(50):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.1)
 
 
 def _split(script: str) -> list[str]:
