@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[systemd,test]"
+	$(BIN)/python -m pip install -q -e ".[systemd,test,postgres]"
 	touch $@
 
 clean:

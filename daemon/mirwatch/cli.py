@@ -57,14 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"mirwatch: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(cfg.logging.format, cfg.logging.level, stream=sys.stdout)
+    # The daemon and `analyze` log to stdout (journald); the other commands keep
+    # stdout for their answer (`status --json`) and log to stderr.
+    stream = sys.stdout if args.command in ("run", "analyze") else sys.stderr
+    logs.configure(cfg.logging.format, cfg.logging.level, stream=stream)
     log = logs.get_logger()
     if args.command in ("run", "analyze"):
         applied = envdefaults.apply(cfg.env)
         log.debug("env_defaults", applied=sorted(applied))
     handler = {"run": _run, "analyze": _analyze, "status": _status, "scan": _scan, "retry": _retry,
                "models": _models}[args.command]
-    return handler(cfg, args, log)
+    from .queue import QueueSchemaError, QueueUnavailable
+
+    try:
+        return handler(cfg, args, log)
+    except (QueueUnavailable, QueueSchemaError) as exc:
+        print(f"mirwatch: queue: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _run(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
@@ -119,7 +128,7 @@ def _analyze(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
 
 
 def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
-    from .service import open_queue
+    from .queue import open_queue
 
     jobs = open_queue(cfg, log)
     now = time.time()
@@ -127,6 +136,7 @@ def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
         "counts": jobs.counts(),
         "running": [dict(j.as_dict(), elapsed=round(now - (j.started_at or now), 1)) for j in jobs.running()],
         "recent_failures": [j.as_dict() for j in jobs.recent_failures(10)],
+        "hosts": jobs.hosts(),
     }
     jobs.close()
     if args.json:
@@ -136,6 +146,11 @@ def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
     print(f"queued {c['queued']}  running {c['running']}  done {c['done']}  failed {c['failed']}")
     for job in report["running"]:
         print(f"running: {job['path']} ({job['elapsed']:.0f} s, attempt {job['attempts']})")
+    for host in report["hosts"]:
+        state = " (stopped)" if host["stopped"] else ""
+        age = f"{host['heartbeat_age']:.0f} s ago" if host["heartbeat_age"] is not None else "never"
+        print(f"host {host['name']}{state}: {host['current'] or 'idle'}, heartbeat {age},"
+              f" done {host['done']}, failed {host['failed']}")
     if report["recent_failures"]:
         print("recent failures:")
     for job in report["recent_failures"]:
@@ -145,7 +160,8 @@ def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
 
 def _scan(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
     from . import reconcile
-    from .service import load_fingerprints, open_queue
+    from .queue import open_queue
+    from .service import load_fingerprints
 
     fingerprints, stem_users = load_fingerprints(cfg)
     jobs = open_queue(cfg, log)
@@ -156,7 +172,7 @@ def _scan(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
 
 
 def _retry(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
-    from .service import open_queue
+    from .queue import open_queue
 
     if not args.all_failed and args.path is None:
         print("mirwatch: retry needs a PATH or --all-failed", file=sys.stderr)
