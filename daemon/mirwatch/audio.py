@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def resample(signal: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 def probe(path: Path) -> sf._SoundFileInfo:
     """Read only the header; raises `DecodeError` for non-audio."""
     try:
-        info = sf.info(str(path))
+        info = sf.info(os.fsencode(path))  # bytes: names need not be UTF-8
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
         raise DecodeError(_reason(path, exc)) from None
     _check_header(path, info.samplerate, info.channels, info.frames)
@@ -98,7 +99,7 @@ def decode(path: Path, *, max_duration: float | None = None) -> Audio:
     if size == 0:
         raise DecodeError(f"{path.name}: empty file (0 bytes)")
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:
             _check_header(path, f.samplerate, f.channels, f.frames)
             wanted = min(f.frames, MAX_DECODED_SAMPLES // f.channels)
             if max_duration is not None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import notify, reconcile
+from . import notify, reconcile, sidecar
 from .analyzers.base import ModelLoadError
 from .config import Config
 from .pipeline import Pipeline
@@ -62,6 +62,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         cfg.state.dir.mkdir(parents=True, exist_ok=True)
+        sidecar.confine(list(cfg.library.roots))
         log.info("starting", config=str(cfg.path), roots=[str(r) for r in cfg.library.roots],
                  state_dir=str(cfg.state.dir), models_dir=str(cfg.models.dir), pid=os.getpid())
 
@@ -178,9 +179,16 @@ class Daemon:
         current = worker.current()
         status = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
         if current:
-            status += f"; analysing {current[0].path.parent.name}"
+            status += f"; analysing {_printable(current[0].path.parent.name)}"
         if getattr(worker, "waiting", ""):
             status += f"; waiting: {worker.waiting}"
         if status != self._status:
             self._status = status
             notify.notify(f"STATUS={status}")
+
+
+def _printable(name: str) -> str:
+    """A file name made safe for one sd_notify line: bytes that are not UTF-8 escaped, and no
+    control characters (a newline in a folder name would start a new ``KEY=`` assignment)."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

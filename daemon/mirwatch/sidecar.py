@@ -6,6 +6,11 @@ untouched. Writes are read–merge–write under an exclusive lock on the track
 folder, into a temp file in the same folder, fsynced, then renamed over the
 old file: a reader (or a crash) sees the old sidecar or the new one, never a
 mix. A sidecar that is not a JSON object is moved aside, not overwritten.
+
+Everything in a folder is done relative to the one descriptor the lock was
+taken on, and no file name is followed if it is a symlink; once `confine`
+named the roots, a folder whose real path lies outside them (a folder swapped
+for a symlink after its job was queued) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import fcntl
 import json
 import os
 import re
-import tempfile
+import secrets
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +43,29 @@ class CorruptSidecar(Exception):
     """The existing sidecar is not a JSON object."""
 
 
+class OutsideRoots(PermissionError):
+    """The track folder resolves outside the configured roots: nothing is written there."""
+
+
+# Real paths of the roots writes are confined to (set by the daemon); None: unconfined.
+_allowed_roots: tuple[str, ...] | None = None
+
+
+def confine(roots: list[Path] | None) -> None:
+    """Refuse, from now on, to write sidecars in folders outside `roots`."""
+    global _allowed_roots
+    _allowed_roots = None if roots is None else tuple(os.path.realpath(r) for r in roots)
+
+
+def _check_confined(dir_fd: int, folder: Path) -> None:
+    if _allowed_roots is None:
+        return
+    real = os.readlink(f"/proc/self/fd/{dir_fd}")
+    if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in _allowed_roots):
+        raise OutsideRoots(errno.EPERM, f"{folder} resolves to {real}, outside the library roots; "
+                                        "not writing there", str(folder))
+
+
 class NameTooLong(OSError):
     """The track folder's name leaves no room for ``<name>.INFO`` (255 bytes at most)."""
 
@@ -53,22 +81,28 @@ def aux_path(flac: Path, suffix: str) -> Path:
     return folder / (folder.name + suffix)
 
 
-def read(path: Path) -> dict[str, Any] | None:
+def read(path: Path, *, dir_fd: int | None = None) -> dict[str, Any] | None:
     """The sidecar as a dict; None if absent. Raises `CorruptSidecar`."""
     try:
-        with open(path, "rb") as f:
+        # O_NOFOLLOW: a sidecar that is a symlink (to anywhere) is not read through.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        with open(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_BYTES:
-                raise CorruptSidecar(f"{path.name}: {size} bytes, larger than {MAX_BYTES}")
+                raise CorruptSidecar(f"{Path(path).name}: {size} bytes, larger than {MAX_BYTES}")
             raw = f.read()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptSidecar(f"{Path(path).name}: a symlink, not a file; not followed") from None
+        raise
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptSidecar(f"{path.name}: not valid JSON ({exc})") from None
+        raise CorruptSidecar(f"{Path(path).name}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise CorruptSidecar(f"{path.name}: JSON {type(doc).__name__}, not an object")
+        raise CorruptSidecar(f"{Path(path).name}: JSON {type(doc).__name__}, not an object")
     return doc
 
 
@@ -78,12 +112,14 @@ def provenance(doc: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """Exclusive advisory lock on the track folder (daemon vs. ``mirwatch analyze``)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def locked(folder: Path) -> Iterator[int]:
+    """Exclusive advisory lock on the track folder (daemon vs. ``mirwatch analyze``);
+    yields the folder's descriptor, checked against the roots `confine` set."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        _check_confined(fd, folder)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -109,13 +145,13 @@ def update(
     if len(os.fsencode(target.parent.name + longest)) > NAME_MAX:
         raise NameTooLong(errno.ENAMETOOLONG, f"folder name is {len(os.fsencode(target.parent.name))} bytes: "
                           f"'<name>{longest}' would exceed the {NAME_MAX}-byte file name limit")
-    with locked(target.parent):
+    with locked(target.parent) as dir_fd:
         remove_debris(target.parent, already_locked=True)
         try:
-            doc = read(target) or {}
+            doc = read(target.name, dir_fd=dir_fd) or {}
         except CorruptSidecar as exc:
             moved = target.with_name(f"{target.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(target, moved)
+            os.replace(target.name, moved.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             if on_corrupt:
                 on_corrupt(moved, str(exc))
             doc = {}
@@ -135,10 +171,10 @@ def update(
 
         merged[PROVENANCE_KEY] = {**old_prov, **common, "analyzers": analyzers}
         for suffix, text in (aux or {}).items():
-            write_atomic(aux_path(flac, suffix), text.encode("utf-8"))
+            write_atomic(aux_path(flac, suffix), text.encode("utf-8"), dir_fd=dir_fd)
         # The sidecar goes last: its presence says every aux file is complete.
         data = json.dumps(merged, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        write_atomic(target, data.encode("utf-8"))
+        write_atomic(target, data.encode("utf-8"), dir_fd=dir_fd)
     return target
 
 
@@ -189,27 +225,50 @@ def _unlink_all(folder: Path, names: list[str]) -> int:
     return removed
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one."""
-    stem = os.fsdecode(os.fsencode(path.name)[:TEMP_STEM_BYTES])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
+def write_atomic(path: Path, data: bytes, *, dir_fd: int | None = None) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one.
+
+    With `dir_fd` (the descriptor of ``path.parent``) every step is relative to
+    that directory, so a rename of the folder or a symlink put in its place
+    cannot redirect the write. A symlink at `path` is replaced, never followed.
+    """
+    own_fd = dir_fd is None
+    if own_fd:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    name = path.name
+    stem = os.fsdecode(os.fsencode(name)[:TEMP_STEM_BYTES])
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _create_temp(dir_fd, stem)
         try:
-            mode = os.stat(path).st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                try:
+                    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode & 0o777
+                except FileNotFoundError:
+                    mode = 0o644
+                os.fchmod(f.fileno(), mode or 0o644)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
         os.fsync(dir_fd)
     finally:
-        os.close(dir_fd)
+        if own_fd:
+            os.close(dir_fd)
+
+
+def _create_temp(dir_fd: int, stem: str) -> str:
+    """A new, empty, uniquely named temp file in the directory: `.{stem}.XXXXXXXX.tmp`."""
+    for _ in range(100):
+        name = f".{stem}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=dir_fd))
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp file name")

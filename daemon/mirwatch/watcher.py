@@ -223,6 +223,8 @@ class LibraryWatcher:
     def note(self, path: Path, *, is_dir: bool, event: str) -> None:
         """Something changed at `path`: remember what to check once it settles."""
         if is_dir:
+            if path.is_symlink():
+                return  # never followed: a link to a folder is an alias, or a way out of the roots
             if event in ("created", "moved"):
                 self._check_room(path)
                 for mix in iter_mixes(path):
@@ -230,6 +232,11 @@ class LibraryWatcher:
             return
         name = path.name
         if name == MIX_NAME:
+            if path.is_symlink():
+                # Like the scan: symlinks are never followed, so a link cannot pull in (or
+                # point a write at) something outside the roots.
+                self.log.warning("symlink_ignored", path=str(path))
+                return
             self._add(path, f"file_{event}", rerun=False)
         elif name.lower().startswith(STEM_PREFIXES) and not name.startswith("."):
             mix = path.parent / MIX_NAME
@@ -278,33 +285,41 @@ class LibraryWatcher:
             items = list(self._pending.items())
         for watched, pending in items:
             try:
-                st = watched.stat()
-            except OSError:
-                self._drop(watched)  # gone again (a temp file renamed away, a deletion)
-                continue
-            if (st.st_size, st.st_mtime_ns) != (pending.size, pending.mtime_ns) or not pending.stable_since:
-                pending.size, pending.mtime_ns, pending.stable_since = st.st_size, st.st_mtime_ns, now
-                continue
-            quiet = now - pending.stable_since
-            if quiet < self.settle:
-                continue
-            mix = watched if watched.name == MIX_NAME else watched.parent / MIX_NAME
-            if watched.name == MIX_NAME:
-                try:
-                    probe(watched)
-                except DecodeError as exc:
-                    if quiet < self.settle * UNDECODABLE_PATIENCE:
-                        continue
-                    self.log.warning("undecodable_file", path=str(watched), error=str(exc))
-            if mix.is_file():
-                try:
-                    self.on_ready(mix, pending.reason, pending.rerun)
-                except Exception as exc:  # noqa: BLE001 - e.g. the queue's disk is full: keep it, try again
-                    pending.stable_since = now
-                    self.log.error("enqueue_failed", path=str(mix), error=f"{type(exc).__name__}: {exc}",
-                                   detail=f"kept; trying again in {self.settle:g} s")
-                    continue
-            self._drop(watched)
+                self._settle_one(watched, pending, now)
+            except Exception as exc:  # noqa: BLE001 - one bad path must not stall the others, or loop
+                self._drop(watched)
+                self.log.error("watcher_error", path=str(watched), error=f"{type(exc).__name__}: {exc}",
+                               detail="dropped; the next scan looks at it again")
+
+    def _settle_one(self, watched: Path, pending: _Pending, now: float) -> None:
+        try:
+            st = watched.stat()
+        except OSError:
+            self._drop(watched)  # gone again (a temp file renamed away, a deletion)
+            return
+        if (st.st_size, st.st_mtime_ns) != (pending.size, pending.mtime_ns) or not pending.stable_since:
+            pending.size, pending.mtime_ns, pending.stable_since = st.st_size, st.st_mtime_ns, now
+            return
+        quiet = now - pending.stable_since
+        if quiet < self.settle:
+            return
+        mix = watched if watched.name == MIX_NAME else watched.parent / MIX_NAME
+        if watched.name == MIX_NAME:
+            try:
+                probe(watched)
+            except DecodeError as exc:
+                if quiet < self.settle * UNDECODABLE_PATIENCE:
+                    return
+                self.log.warning("undecodable_file", path=str(watched), error=str(exc))
+        if mix.is_file():
+            try:
+                self.on_ready(mix, pending.reason, pending.rerun)
+            except Exception as exc:  # noqa: BLE001 - e.g. the queue's disk is full: keep it, try again
+                pending.stable_since = now
+                self.log.error("enqueue_failed", path=str(mix), error=f"{type(exc).__name__}: {exc}",
+                               detail=f"kept; trying again in {self.settle:g} s")
+                return
+        self._drop(watched)
 
     def _drop(self, watched: Path) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ from .analyzers.base import AnalysisError, Cancelled
 from .audio import DecodeError
 from .pipeline import Pipeline, Prepared
 from .queue import Job, JobQueue
+from .sidecar import OutsideRoots
 
 # A full disk is not the track's fault: the job waits (its attempt is given
 # back) and claims pause, doubling from the first to the last figure, until a
@@ -264,6 +265,8 @@ def _describe(exc: BaseException, job: Job) -> tuple[bool, str]:
         return True, str(exc)
     if isinstance(exc, FileNotFoundError):
         return True, f"{job.path.name}: file vanished before it could be analysed"
+    if isinstance(exc, OutsideRoots):
+        return True, str(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
         return True, f"cannot write the sidecar: {exc.strerror}"
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
