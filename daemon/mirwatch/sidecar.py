@@ -115,7 +115,13 @@ def provenance(doc: Mapping[str, Any] | None) -> dict[str, Any]:
 def locked(folder: Path) -> Iterator[int]:
     """Exclusive advisory lock on the track folder (daemon vs. ``mirwatch analyze``);
     yields the folder's descriptor, checked against the roots `confine` set."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(folder):
+            raise OutsideRoots(errno.ELOOP, f"{folder} is now a symlink; not followed for writing",
+                               str(folder)) from None
+        raise
     try:
         _check_confined(fd, folder)
         fcntl.flock(fd, fcntl.LOCK_EX)
