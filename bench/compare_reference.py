@@ -17,12 +17,11 @@ What is compared:
 
 Result on the 35 Wesnoth tracks of 30 s or more (2026-11-25, essentia
 2.1b6.dev1389, pyloudnorm 0.2.0, librosa 0.11.0): lufs median |Δ| 0.02 LU
-(max 0.14), lra median |Δ| 0.03 LU (max 0.4); bpm: 10 tracks at the same
-reading (median |Δ| 1.0 BPM, librosa's tempo grid being that coarse), 3 an
-octave or 3:2 apart, 12 other readings of this mostly orchestral music, and
-10 tracks without a pulse by our criterion (librosa always answers);
-onsets: median F(±50 ms) 0.70; librosa finds far more onsets in soft,
-legato pieces.
+(max 0.14), lra median |Δ| 0.03 LU (max 0.4); bpm: 13 tracks at the same
+reading (median |Δ| 0.75 BPM, about librosa's tempo-grid step), 6 at 2x,
+3:2 or 2:3 of librosa's, 6 other readings of this mostly orchestral music,
+and 10 without a pulse by our criterion (librosa always answers); onsets:
+median F(±50 ms) 0.70, librosa finding far more onsets in soft, legato pieces.
 """
 
 from __future__ import annotations
