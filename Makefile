@@ -30,6 +30,9 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[systemd,test,postgres]"
+	# Audiobox Aesthetics' model class needs only torch; its declared torchaudio
+	# dependency does not load beside torch 2.13, hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps "audiobox_aesthetics==0.0.4"
 	touch $@
 
 clean:

@@ -95,7 +95,8 @@ class Daemon:
         )
 
     def start(self) -> Daemon:
-        env = {**os.environ, "MIRWATCH_NO_JOURNAL": "1", **self.env}
+        # One thread per library: on 2 shared cores, oversubscribed torch decoding crawls.
+        env = {**os.environ, "MIRWATCH_NO_JOURNAL": "1", "OMP_NUM_THREADS": "1", **self.env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mirwatch.cli", "run", "--config", str(self.config)],

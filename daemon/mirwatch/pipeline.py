@@ -157,6 +157,7 @@ class Pipeline:
             if analyzer.stage != stage or analyzer.name not in prepared.selected:
                 continue
             prepared.track.check_cancelled()
+            self.log.debug("analyzer_started", analyzer=analyzer.name, path=str(prepared.track.flac))
             started = time.monotonic()
             prepared.results[analyzer.name] = analyzer.analyze(prepared.track)
             seconds = time.monotonic() - started
