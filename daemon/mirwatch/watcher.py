@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import threading
 import time
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileModifiedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -41,6 +43,11 @@ ReadyCallback = Callable[[Path, str, bool], None]
 UNDECODABLE_PATIENCE = 3
 # How often the roots' identity is checked (a stat each).
 ROOT_CHECK_INTERVAL = 2.0
+# Only events that can mean "a track appeared or changed". Opens, reads and closes
+# without writing are left out of the kernel's mask: reading the library (the scan,
+# header probes, decoding) must not fill the inotify queue until it overflows.
+WATCHED_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileModifiedEvent,
+                  FileClosedEvent]
 _IN_CREATE, _IN_ONLYDIR = 0x100, 0x01000000
 _LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE, errno.ENOMEM)
 
@@ -56,6 +63,19 @@ def _folders(root: Path):
                 stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
         except OSError:
             continue
+
+
+class _OverflowListener(logging.Handler):
+    """watchdog says that the kernel's inotify queue overflowed (events were dropped) only
+    in its log; hearing it, the watcher looks at every track of its inotify roots again."""
+
+    def __init__(self, watcher: LibraryWatcher) -> None:
+        super().__init__(logging.WARNING)
+        self._watcher = watcher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in str(record.msg).lower():
+            self._watcher.overflowed()
 
 
 def inotify_room(folders) -> str:
@@ -113,10 +133,15 @@ class LibraryWatcher:
         # (st_dev, st_ino) of each root when its watch started; None while it is missing.
         self._identity: dict[Path, tuple[int, int] | None] = {}
         self._settler = threading.Thread(target=self._settle_loop, name="mirwatch-settle", daemon=True)
+        self._overflow = threading.Event()
+        self._overflow_listener = _OverflowListener(self)
 
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
+        inotify_log = logging.getLogger("watchdog.observers.inotify")
+        inotify_log.setLevel(logging.WARNING)
+        inotify_log.addHandler(self._overflow_listener)
         for root in self.roots:
             self._watch_if_present(root)
         self._settler.start()
@@ -162,6 +187,7 @@ class LibraryWatcher:
                 self._add(mix, "root_restored", rerun=False)
 
     def stop(self) -> None:
+        logging.getLogger("watchdog.observers.inotify").removeHandler(self._overflow_listener)
         self._stop.set()
         for observer in list(self._observers.values()):
             observer.stop()
@@ -175,7 +201,7 @@ class LibraryWatcher:
             if not problem:
                 observer = Observer()
                 try:
-                    observer.schedule(handler, str(root), recursive=True)
+                    observer.schedule(handler, str(root), recursive=True, event_filter=WATCHED_EVENTS)
                     observer.start()
                     self._observers[root] = observer
                     self.methods[root] = "inotify"
@@ -188,7 +214,7 @@ class LibraryWatcher:
                     problem = str(exc)
             self._warn_limit(root, problem)
         observer = PollingObserver(timeout=self.poll_interval)
-        observer.schedule(handler, str(root), recursive=True)
+        observer.schedule(handler, str(root), recursive=True, event_filter=WATCHED_EVENTS)
         observer.start()
         self._observers[root] = observer
         self.methods[root] = "polling"
@@ -275,7 +301,21 @@ class LibraryWatcher:
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive a bad path
                 self.log.error("watcher_error", error=f"{type(exc).__name__}: {exc}")
 
+    def overflowed(self) -> None:
+        self._overflow.set()
+
+    def _rescan_after_overflow(self) -> None:
+        self._overflow.clear()
+        roots = [r for r in self.roots if self.methods.get(r) == "inotify"]
+        self.log.warning("inotify_overflow", roots=[str(r) for r in roots],
+                         detail="the kernel dropped file events (too many at once); looking at every track again")
+        for root in roots:
+            for mix in iter_mixes(root):
+                self._add(mix, "inotify_overflow", rerun=False)
+
     def _settle_once(self) -> None:
+        if self._overflow.is_set():
+            self._rescan_after_overflow()
         with self._lock:
             fallbacks = [(r, why) for r, why in self._fallbacks.items() if self.methods.get(r) == "inotify"]
         for root, problem in fallbacks:
