@@ -6,12 +6,14 @@ engine differs. The model is loaded once, by a llama-server child started in
 `load()` with ``--mmproj`` and one slot per prompt (see `llama_server.py` for
 why a child process).
 
-Per track the audio prefix (system turn, user header, audio tokens) is
-computed once: a first request with the first prompt and a one-token answer
-leaves it in a slot; then all prompts go out at once, one per slot. The slot
-that holds the prefix keeps it, the others restore it from llama-server's
-prompt cache in host memory instead of encoding the audio again, and the
-slots decode together as one batch.
+All prompts of a track go out at once, one per slot, and the slots decode
+together as one batch. Each slot encodes the audio itself: llama-server
+(0.3.36's llama.cpp) does not hand a multimodal prefix from one slot to
+another (its host-memory prompt cache restored only the 32-token system
+turn), and measured on the tiny pair, first computing the prefix in one slot
+(``warm_prefix=True``) then fanning out was slower than sending all prompts
+cold (bench/flamingo_gguf.py). A slot does keep its own prefix, so a re-run
+of the same clip skips the audio.
 """
 
 from __future__ import annotations
@@ -207,9 +209,9 @@ class FlamingoGGUFAnalyzer(Analyzer):
         *,
         seed: int = 0,
         cancel: Callable[[], bool] | None = None,
-        warm_prefix: bool = True,
+        warm_prefix: bool = False,
     ) -> GGUFRun:
-        """All prompts over one clip. ``warm_prefix=False`` sends them cold (each slot encodes the audio)."""
+        """All prompts over one clip; ``warm_prefix`` first runs the prefix alone (for the benchmark)."""
         assert self.server is not None
         prompts = dict(self.cfg.prompts if prompts is None else prompts)
         cancel = cancel or (lambda: False)
@@ -226,7 +228,8 @@ class FlamingoGGUFAnalyzer(Analyzer):
                 t0 = time.perf_counter()
                 first = self._call([self._body(clip, prompt, 1, seed)], cancel)[0]
                 t = first.get("timings", {})
-                timings.update(prefill=time.perf_counter() - t0, prefix_tokens=float(t.get("prompt_n", 0)))
+                timings.update(prefill=time.perf_counter() - t0,
+                               prefix_tokens=float(t.get("prompt_n", 0) + t.get("cache_n", 0)))
             decode_start = time.perf_counter()
             bodies = [self._body(clip, p, p.max_new_tokens, seed + i) for i, p in enumerate(prompts.values())]
             answers = self._call(bodies, cancel, t0=decode_start)
@@ -263,9 +266,10 @@ class FlamingoGGUFAnalyzer(Analyzer):
             }],
             "max_tokens": max_tokens,
             "seed": seed % (1 << 32),
-            # transformers applies the penalty to every earlier token, prompt included.
+            # transformers applies the penalty to every earlier token, prompt
+            # included: a window as long as the slot's context does the same.
             "repeat_penalty": self.cfg.repetition_penalty,
-            "repeat_last_n": -1,
+            "repeat_last_n": self.slot_context(),
             "cache_prompt": True,
             "min_p": 0.0,
             "typical_p": 1.0,
