@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"the daemon exited ({d.proc.returncode}) during the soak\n{d.tail()}")
         time.sleep(0.2)
     rss, peak = rss_kib(pid)
+    samples.append((time.monotonic() - started, rss, open_fds(pid)))  # at least one, however short the run
     out["rss_mib_end"], out["peak_rss_mib"] = round(rss / 1024), round(peak / 1024)
     counts = d.status()["counts"]
     out["queue_counts_end"] = counts

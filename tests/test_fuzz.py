@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mirwatch import config, sidecar
 
-FUZZ = settings(max_examples=int(os.environ.get("MIRWATCH_FUZZ_EXAMPLES", "300")), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("MIRWATCH_FUZZ_EXAMPLES", "150")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 json_values = st.recursive(
