@@ -5,16 +5,15 @@
 Runs the five default prompts (short token limits unless --full-limits) over
 one clip through a resident llama-server in three ways:
 
-- ``warm+parallel`` (the product): one request computes the audio prefix,
-  then all prompts at once, the other slots restoring the prefix from the
-  server's prompt cache;
-- ``cold+parallel``: all prompts at once, each slot encoding the audio itself;
+- ``cold+parallel`` (the product): all prompts at once, each slot encoding the audio itself;
+- ``warm+parallel``: one request computes the audio prefix first, then all
+  prompts at once (only the slot that ran it can reuse the prefix);
 - ``sequential``: one prompt after another on one slot (the prefix is reused
-  from the slot's cache, decoding is not batched);
+  from the slot's cache, decoding is not batched).
 
-and, when the tiny transformers model is in the same dir, the transformers
-backend for reference. Without --models it builds the tiny GGUF pair (needs
-scripts/build_llama_cpp.sh to have run) and the tiny transformers model.
+Each run gets a new clip: a slot keeps its last prompt, so repeating a clip
+would measure the cache. Without --models it builds the tiny GGUF pair
+(scripts/build_llama_cpp.sh must have run).
 """
 
 from __future__ import annotations
@@ -31,10 +30,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
+_clips = iter(range(1 << 30))
+
+
 def clip(seconds: float) -> np.ndarray:
+    """A new clip each call: the server keeps each slot's last prompt, and a repeat would hit it."""
     sr = 16000
     t = np.arange(int(seconds * sr)) / sr
     x = sum(0.15 * np.sin(2 * np.pi * f * t) for f in (220.0, 277.18, 329.63)) + (np.mod(t, 0.5) < 0.01) * 0.5
+    x = x + 0.01 * np.random.default_rng(next(_clips)).standard_normal(t.size)
     return x.astype(np.float32)
 
 
@@ -60,7 +64,6 @@ def main() -> int:
         prompts = {n: FlamingoPrompt(p.text, 32) for n, p in prompts.items()}
     cfg = FlamingoConfig(enabled="on", backend="gguf", gguf_quant=args.quant, dtype="float32",
                          gguf_max_audio_seconds=max(30.0, args.seconds), prompts=prompts)
-    audio = clip(args.seconds)
     rows = []
 
     analyzer = FlamingoGGUFAnalyzer(cfg, ModelStore(args.models))
@@ -68,9 +71,9 @@ def main() -> int:
     analyzer.load()
     print(f"llama-server ready in {time.perf_counter() - t0:.2f} s ({analyzer._device})")
     try:
-        analyzer.describe(audio)  # first use: page in, allocate
-        for label, kwargs in (("warm+parallel", {}), ("cold+parallel", {"warm_prefix": False})):
-            rows.append(_measure(label, lambda kw=kwargs, s=0: analyzer.describe(audio, seed=s, **kw), args.repeats))
+        analyzer.describe(clip(args.seconds))  # first use: page in, allocate
+        for label, kwargs in (("cold+parallel", {}), ("warm+parallel", {"warm_prefix": True})):
+            rows.append(_measure(label, lambda kw=kwargs: analyzer.describe(clip(args.seconds), **kw), args.repeats))
     finally:
         analyzer.close()
 
@@ -78,7 +81,7 @@ def main() -> int:
     one.load()
     try:
         def sequential():
-            totals, answers = 0.0, {}
+            totals, answers, audio = 0.0, {}, clip(args.seconds)
             for name, prompt in prompts.items():
                 run = one.describe(audio, {name: prompt})
                 answers.update(run.answers)

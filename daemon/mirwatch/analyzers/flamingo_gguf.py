@@ -42,8 +42,10 @@ BASE_NAME = "music-flamingo-hf"
 # Published as imatrix ("i1") builds only; other quantisations are plain builds.
 IMATRIX_QUANTS = frozenset({"Q6_K", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS",
                             "IQ2_XXS", "IQ1_M", "IQ1_S", "IQ4_XS", "IQ4_NL"})
-# Audio tokens per second once the encoder output is pooled (750 per 30 s window).
-AUDIO_TOKENS_PER_SECOND = 25
+# llama.cpp encodes audio in whole 30 s Whisper windows of 750 tokens each, a
+# short last window padded to full length (a 30.0 s clip measured as two).
+WINDOW_SECONDS = 30.0
+TOKENS_PER_WINDOW = 750
 # Chat scaffolding around the audio and the prompt text, generously.
 PROMPT_OVERHEAD_TOKENS = 512
 
@@ -127,7 +129,7 @@ class FlamingoGGUFAnalyzer(Analyzer):
 
     def slot_context(self) -> int:
         """Context one slot needs: the longest audio, the chat, the longest answer."""
-        audio = math.ceil(self.cfg.gguf_max_audio_seconds * AUDIO_TOKENS_PER_SECOND)
+        audio = (math.floor(self.cfg.gguf_max_audio_seconds / WINDOW_SECONDS) + 1) * TOKENS_PER_WINDOW
         longest = max(p.max_new_tokens for p in self.cfg.prompts.values())
         return audio + PROMPT_OVERHEAD_TOKENS + longest
 
