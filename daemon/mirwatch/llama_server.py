@@ -2,8 +2,7 @@
 
 Why a child process and not llama.cpp in-process: the server already has what
 five prompts over one audio clip need (parallel slots that decode as one
-batch, a prompt cache that hands the encoded audio prefix from one slot to the
-others), a crash in native code takes down only the child (the daemon
+batch, each keeping its last prompt so a re-run skips the audio), a crash in native code takes down only the child (the daemon
 restarts it and the job is retried), and the daemon keeps its own Python
 process free of a second native runtime next to torch and TensorFlow.
 
