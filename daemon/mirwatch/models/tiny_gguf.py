@@ -17,7 +17,6 @@ three layers: the converter reads ``audio_tower.conv1``/``conv2`` as block ids
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,10 +119,3 @@ def write(root: Path, *, src: Path | None = None) -> list[str]:
         convert(checkpoint, folder / TEXT_NAME, folder / MMPROJ_NAME, src=src)
     return [f"{MODEL_FOLDER}/{TEXT_NAME}", f"{MODEL_FOLDER}/{MMPROJ_NAME}"]
 
-
-def keep_checkpoint(root: Path) -> Path:
-    """The tiny AudioFlamingo3 checkpoint under ``root/flamingo/music-flamingo-hf`` (for A/B)."""
-    target = root / "flamingo" / "music-flamingo-hf"
-    if target.exists():
-        shutil.rmtree(target)
-    return write_checkpoint(target)
