@@ -51,8 +51,28 @@ class _JournalFields:
         raise structlog.DropEvent
 
 
+class _StdStream:
+    """Whatever ``sys.stdout``/``sys.stderr`` is when a line is written.
+
+    structlog keeps the file object it was given; holding the real one would
+    break after anything (a test harness, a daemonising wrapper) swaps it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self._name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self._name).flush()
+
+
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
+    colors = stream.isatty()
+    if stream is sys.stdout or stream is sys.stderr:
+        stream = _StdStream("stdout" if stream is sys.stdout else "stderr")  # type: ignore[assignment]
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -60,7 +80,7 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         structlog.processors.format_exc_info,
     ]
     if fmt == "console":
-        render: Any = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        render: Any = structlog.dev.ConsoleRenderer(colors=colors)
     else:
         render = structlog.processors.JSONRenderer(default=str, ensure_ascii=False)
     send = _journal_sender()
