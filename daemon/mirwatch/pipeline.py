@@ -35,7 +35,7 @@ def build_analyzers(cfg: Config, store: ModelStore, log: Any) -> list[Analyzer]:
         from .analyzers.features import FeaturesAnalyzer
 
         analyzers.append(FeaturesAnalyzer(cfg.features, store))
-    if cfg.features.aesthetics != "off":
+    if cfg.features.enabled and cfg.features.aesthetics != "off":
         from .analyzers import aesthetics
 
         wanted, why = aesthetics.AestheticsAnalyzer.wanted(cfg.features)
@@ -47,10 +47,14 @@ def build_analyzers(cfg: Config, store: ModelStore, log: Any) -> list[Analyzer]:
         from .analyzers import flamingo
 
         wanted, why = flamingo.FlamingoAnalyzer.wanted(cfg.flamingo)
-        if wanted:
-            analyzers.append(flamingo.FlamingoAnalyzer(cfg.flamingo, store))
-        else:
+        if not wanted:
             log.info("analyzer_disabled", analyzer="flamingo", reason=why)
+        elif cfg.flamingo.backend == "gguf":
+            from .analyzers.flamingo_gguf import FlamingoGGUFAnalyzer
+
+            analyzers.append(FlamingoGGUFAnalyzer(cfg.flamingo, store, log=log))
+        else:
+            analyzers.append(flamingo.FlamingoAnalyzer(cfg.flamingo, store))
     return analyzers
 
 

@@ -158,8 +158,12 @@ def groups_for(config: Any) -> set[str]:
             groups.add("essentia")
         if ess.danceability or ess.atonality:
             groups.add("essentia" if ess.danceability_atonality == "effnet" else "essentia-vggish")
-    if getattr(config.flamingo, "enabled", "off") != "off":
-        groups.add("flamingo")
+    flamingo = config.flamingo
+    if flamingo.enabled != "off":
+        if flamingo.backend == "gguf":
+            groups |= {f"flamingo-gguf-{flamingo.gguf_quant}", "flamingo-gguf-mmproj"}
+        else:
+            groups.add("flamingo")
     if getattr(config.features, "enabled", False) and getattr(config.features, "aesthetics", "off") != "off":
         groups.add("aesthetics")
     return groups
