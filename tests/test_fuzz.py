@@ -134,7 +134,6 @@ def test_the_config_loader_answers_with_a_config_or_one_line(tables, garbage):
         assert cfg.logging.level in ("debug", "info", "warning", "error")
 
 
-@pytest.mark.xfail(strict=True, reason="config.py accepts nan, inf and negative durations (lead: range checks)")
 @pytest.mark.parametrize("line", ["[worker]\nmax_duration = nan", "[worker]\nmax_duration = -5.0",
                                   "[library]\nsettle_seconds = inf", "[worker]\njob_timeout = 0.0"])
 def test_the_config_loader_refuses_durations_that_are_not_positive_and_finite(tmp_path, line):

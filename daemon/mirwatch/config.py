@@ -10,6 +10,7 @@ because a typo in a daemon's config otherwise shows up weeks later as
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -345,6 +346,17 @@ def from_dict(
         raise ConfigError(f"{where}: worker.max_attempts must be at least 1")
     if cfg.worker.prefetch < 0:
         raise ConfigError(f"{where}: worker.prefetch must not be negative")
+    durations = {
+        "library.poll_interval": (cfg.library.poll_interval, False),
+        "library.settle_seconds": (cfg.library.settle_seconds, True),
+        "library.rescan_interval": (cfg.library.rescan_interval, True),
+        "worker.job_timeout": (cfg.worker.job_timeout, False),
+        "worker.stop_grace": (cfg.worker.stop_grace, True),
+        "worker.max_duration": (cfg.worker.max_duration, False),
+    }
+    for key, (value, zero_ok) in durations.items():
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(f"{where}: {key} must be {'zero or more' if zero_ok else 'more than zero'} seconds")
     return cfg
 
 
@@ -412,6 +424,8 @@ def _convert(tp: Any, value: Any, key: str, base: Path) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
