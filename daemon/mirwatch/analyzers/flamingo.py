@@ -62,6 +62,32 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+
+
+def generation_settings(cfg: FlamingoConfig) -> dict[str, Any]:
+    """The decoding settings that change the text (provenance and staleness)."""
+    settings: dict[str, Any] = {"do_sample": cfg.do_sample, "repetition_penalty": cfg.repetition_penalty}
+    if cfg.do_sample:
+        settings.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    return settings
+
+
+def prompt_settings(cfg: FlamingoConfig) -> dict[str, dict[str, Any]]:
+    return {n: {"text": p.text, "max_new_tokens": p.max_new_tokens} for n, p in cfg.prompts.items()}
+
+
+def cap_audio(audio: np.ndarray, limit_s: float, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
+    """At most `limit_s` seconds of 16 kHz audio, and the warning provenance records."""
+    limit = int(limit_s * SAMPLE_RATE)
+    if len(audio) > limit:
+        return audio[:limit], (
+            f"audio is {len(audio) / SAMPLE_RATE:.0f} s long; Music Flamingo heard only the first {limit_s:.0f} s"
+        )
+    if truncated_before:
+        return audio, f"audio was cut to {len(audio) / SAMPLE_RATE:.0f} s before analysis (worker.max_duration)"
+    return audio, None
+
+
 @dataclass
 class Description:
     """One prompt's answer."""
@@ -194,18 +220,9 @@ class FlamingoAnalyzer(Analyzer):
             "model_id": self.cfg.model_id,
             "revision": self.cfg.revision,
             "dtype": self.cfg.dtype,
-            "generation": self._generation_settings(),
-            "prompts": {n: {"text": p.text, "max_new_tokens": p.max_new_tokens} for n, p in self.cfg.prompts.items()},
+            "generation": generation_settings(self.cfg),
+            "prompts": prompt_settings(self.cfg),
         }
-
-    def _generation_settings(self) -> dict[str, Any]:
-        settings: dict[str, Any] = {
-            "do_sample": self.cfg.do_sample,
-            "repetition_penalty": self.cfg.repetition_penalty,
-        }
-        if self.cfg.do_sample:
-            settings.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed)
-        return settings
 
     def close(self) -> None:
         self.model = self.processor = None
@@ -226,7 +243,7 @@ class FlamingoAnalyzer(Analyzer):
             "dtype": self.cfg.dtype,
             "device": str(self.device),
             "attn_implementation": self.attn_implementation,
-            "generation": self._generation_settings() | ({"track_seed": seed} if self.cfg.do_sample else {}),
+            "generation": generation_settings(self.cfg) | ({"track_seed": seed} if self.cfg.do_sample else {}),
             "mode": run.mode,
             "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
             "timings": {k: round(v, 4) for k, v in run.timings.items()},
@@ -240,15 +257,7 @@ class FlamingoAnalyzer(Analyzer):
         return Result(values=values, provenance=provenance)
 
     def cap_duration(self, audio: np.ndarray, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
-        limit = int(self.processor.max_audio_len * SAMPLE_RATE)
-        if len(audio) > limit:
-            return audio[:limit], (
-                f"audio is {len(audio) / SAMPLE_RATE:.0f} s long; Music Flamingo heard only the first"
-                f" {self.processor.max_audio_len:.0f} s"
-            )
-        if truncated_before:
-            return audio, f"audio was cut to {len(audio) / SAMPLE_RATE:.0f} s before analysis (worker.max_duration)"
-        return audio, None
+        return cap_audio(audio, self.processor.max_audio_len, truncated_before=truncated_before)
 
     def _prompts(self, prompts: dict[str, FlamingoPrompt] | None) -> dict[str, FlamingoPrompt]:
         return dict(self.cfg.prompts if prompts is None else prompts)

@@ -33,7 +33,15 @@ from ..llama_server import LlamaServer, LlamaServerError, ServerGone, find_llama
 from ..models.store import ModelStore
 from ..textnorm import normalize
 from .base import AnalysisError, Analyzer, Cancelled, ModelLoadError, Result, Track
-from .flamingo import KEY_PREFIX, SAMPLE_RATE, FlamingoAnalyzer, track_seed
+from .flamingo import (
+    KEY_PREFIX,
+    SAMPLE_RATE,
+    FlamingoAnalyzer,
+    cap_audio,
+    generation_settings,
+    prompt_settings,
+    track_seed,
+)
 
 # The GGUF conversions are of this checkpoint (AudioFlamingo3 architecture), not of the 2601 one.
 GGUF_MODEL_ID = "nvidia/music-flamingo-hf"
@@ -146,18 +154,9 @@ class FlamingoGGUFAnalyzer(Analyzer):
             "model_id": GGUF_MODEL_ID,
             "quant": self.cfg.gguf_quant,
             "max_audio_seconds": self.cfg.gguf_max_audio_seconds,
-            "generation": self._generation_settings(),
-            "prompts": {n: {"text": p.text, "max_new_tokens": p.max_new_tokens} for n, p in self.cfg.prompts.items()},
+            "generation": generation_settings(self.cfg),
+            "prompts": prompt_settings(self.cfg),
         }
-
-    def _generation_settings(self) -> dict[str, Any]:
-        settings: dict[str, Any] = {
-            "do_sample": self.cfg.do_sample,
-            "repetition_penalty": self.cfg.repetition_penalty,
-        }
-        if self.cfg.do_sample:
-            settings.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed)
-        return settings
 
     def close(self) -> None:
         if self.server is not None:
@@ -179,7 +178,7 @@ class FlamingoGGUFAnalyzer(Analyzer):
             "dtype": self.cfg.gguf_quant,
             "device": self._device,
             "attn_implementation": "llama.cpp",
-            "generation": self._generation_settings() | ({"track_seed": seed} if self.cfg.do_sample else {}),
+            "generation": generation_settings(self.cfg) | ({"track_seed": seed} if self.cfg.do_sample else {}),
             "mode": run.mode,
             "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
             "timings": {k: round(v, 4) for k, v in run.timings.items()},
@@ -194,15 +193,7 @@ class FlamingoGGUFAnalyzer(Analyzer):
         return Result(values=values, provenance=provenance)
 
     def cap_duration(self, audio: np.ndarray, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
-        limit_s = self.cfg.gguf_max_audio_seconds
-        limit = int(limit_s * SAMPLE_RATE)
-        if len(audio) > limit:
-            return audio[:limit], (
-                f"audio is {len(audio) / SAMPLE_RATE:.0f} s long; Music Flamingo heard only the first {limit_s:.0f} s"
-            )
-        if truncated_before:
-            return audio, f"audio was cut to {len(audio) / SAMPLE_RATE:.0f} s before analysis (worker.max_duration)"
-        return audio, None
+        return cap_audio(audio, self.cfg.gguf_max_audio_seconds, truncated_before=truncated_before)
 
     def describe(
         self,
