@@ -248,3 +248,13 @@ def test_retry_requeues_failed_jobs(daemon_factory):
     assert "cannot decode" in d.status()["recent_failures"][0]["last_error"]
     assert d.stop() == 0
     assert subprocess.run(retry + [str(d.lib / "Nowhere")], timeout=60, capture_output=True).returncode == 1
+
+
+def test_a_track_too_short_for_the_models_fails_once_not_max_attempts_times(daemon_factory):
+    d = daemon_factory(CPU_ONLY)
+    write_flac(d.lib / "Blip" / "full_mix.flac", seconds=1.0)
+    d.start()
+    d.wait_for(lambda: d.status()["counts"]["failed"] == 1, timeout=120, what="failure")
+    failure = d.status()["recent_failures"][0]
+    assert failure["attempts"] == 1 and "too short" in failure["last_error"]
+    assert d.stop() == 0

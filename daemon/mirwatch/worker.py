@@ -273,7 +273,7 @@ def _describe(exc: BaseException, job: Job) -> tuple[bool, str]:
         return False, (f"cannot write in the track folder ({exc.strerror}: {exc.filename or exc}); "
                        "make it writable, then `mirwatch retry`")
     if isinstance(exc, AnalysisError):
-        return False, str(exc)
+        return exc.permanent, str(exc)
     if isinstance(exc, OSError):
         return False, f"{type(exc).__name__}: {exc}"
     return False, f"internal error: {type(exc).__name__}: {exc}"

@@ -23,7 +23,15 @@ STEM_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3", ".aiff", ".aif")
 
 
 class AnalysisError(Exception):
-    """This track cannot be analysed; the message is the reason, one line."""
+    """This track cannot be analysed; the message is the reason, one line.
+
+    ``permanent=True`` says that trying again cannot help (the audio itself
+    is unusable), so the job fails at once instead of using up its attempts.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Cancelled(Exception):

@@ -180,7 +180,8 @@ class EssentiaAnalyzer(Analyzer):
         seconds = signal.size / 16000
         if seconds < MIN_SECONDS:
             raise AnalysisError(
-                f"too short for the Essentia models: {seconds:.2f} s of audio, at least {MIN_SECONDS} s needed"
+                f"too short for the Essentia models: {seconds:.2f} s of audio, at least {MIN_SECONDS} s needed",
+                permanent=True,
             )
         values: dict[str, Any] = {}
         files: dict[str, str] = {}
