@@ -46,7 +46,14 @@ def test_kill9_at_random_points_loses_and_duplicates_nothing(daemon_factory, tmp
         d.wait_event("ready", count=runs, timeout=180)
         if runs > 40 or d.status()["counts"]["done"] == KILL_JOBS:
             break
-        time.sleep(rng.uniform(0.2, 3.0))
+        # Kill after a random number of jobs, then a random moment into the next:
+        # paced by progress, not the clock, so kills land on a fast machine too.
+        finished = len(d.events("job_done")) + rng.randint(1, 4)
+        # (Read from the log: a `mirwatch status` per poll would let several jobs slip by.)
+        d.wait_for(lambda: len(d.events("job_done")) >= finished
+                   or len({e["path"] for e in d.events("job_done")}) >= KILL_JOBS,
+                   timeout=180, what="jobs before the kill")
+        time.sleep(rng.uniform(0.0, 0.4))
         stages[_stage_at_kill(d)] += 1
         d.kill9()
         # After every kill: whatever sidecar exists is complete; nothing half-written.
