@@ -152,7 +152,7 @@ class FeaturesAnalyzer(Analyzer):
                 track.check_cancelled()
                 try:
                     audio = track.stem_audio(stem)
-                    out.update(stems.stem_features(stem, audio.samples, audio.sample_rate, shared.beats))
+                    out.update(stems.stem_features(stem, audio, shared.beats))
                 except Cancelled:
                     raise
                 except Exception as exc:

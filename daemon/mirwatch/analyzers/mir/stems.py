@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...audio import Audio
 from . import Measured, chroma, rhythm, spectra
 from .loudness import loudness
 
@@ -26,14 +27,13 @@ HARMONIC_STEMS = ("bass", "other")
 WINDOW_SECONDS = 4.0
 
 
-def stem_features(stem: str, samples: np.ndarray, rate: int, mix_beats: np.ndarray | None) -> Measured:
+def stem_features(stem: str, audio: Audio, mix_beats: np.ndarray | None) -> Measured:
     """Every key for one stem; `mix_beats` None means the mix's beats are unknown."""
     suffix = f"_{stem}"
-    out = loudness(samples, rate, suffix=suffix)
+    out = loudness(audio.samples, audio.sample_rate, suffix=suffix)
     if stem not in RHYTHMIC_STEMS:
         return out
-    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
-    mono44 = spectra.to_analysis_rate(mono, rate)
+    mono44 = spectra.to_analysis_rate(audio.mono, audio.sample_rate)
     duration = mono44.size / spectra.RATE
     spec = spectra.compute(mono44)
     onsets = rhythm.detect_onsets(mono44, spec)
