@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -21,12 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
 from ..analyzers.base import sha256_file
+from ..config import read_toml
 from .store import LOCK_NAME, ModelStore
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # The package's copy is a link to the repo's ``models/manifest.toml`` in a
 # source checkout and a plain copy in a built wheel.
@@ -85,15 +80,7 @@ def default_manifest_path() -> Path:
 def load_manifest(path: Path | str | None = None) -> Manifest:
     """Read and check a manifest (default: the one shipped with mirwatch)."""
     path = Path(path) if path is not None else default_manifest_path()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
-    return parse_manifest(raw, source=path)
+    return parse_manifest(read_toml(path, ManifestError, "manifest"), source=path)
 
 
 def parse_manifest(raw: dict[str, Any], *, source: Path | None = None) -> Manifest:
