@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Measured
+from . import Measured, resident
 
 # Essentia reports the absolute gate itself when no block passes it.
 ABSOLUTE_GATE = -70.0
@@ -24,12 +24,10 @@ SHORT_TERM_SECONDS = 3.0
 
 
 def loudness(samples: np.ndarray, rate: int, suffix: str = "") -> Measured:
-    import essentia.standard as es
-
     out = Measured()
     lufs_key, lra_key = f"lufs{suffix}", f"lra{suffix}"
     stereo = _as_stereo(samples)
-    _, _, integrated, loudness_range = es.LoudnessEBUR128(sampleRate=float(rate))(stereo)
+    _, _, integrated, loudness_range = resident.compute("LoudnessEBUR128", {"sampleRate": float(rate)}, stereo)
     if not integrated > ABSOLUTE_GATE:
         reason = "no 400 ms block above the -70 LUFS absolute gate (silence)"
         out.omit(lufs_key, reason)

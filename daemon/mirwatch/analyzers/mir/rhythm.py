@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import Measured
+from . import Measured, resident
 from .spectra import RATE, Spectra
 
 MIN_BPM, MAX_BPM = 40.0, 210.0
@@ -94,12 +94,11 @@ def detect_onsets(mono44: np.ndarray, spectra: Spectra) -> Onsets:
 
 def track_beats(mono44: np.ndarray, onsets: Onsets) -> np.ndarray:
     """Beat times in seconds; empty when the track has no pulse."""
-    import essentia.standard as es
-
     if mono44.size < RATE or onsets.times.size < MIN_BEATS:
         return np.zeros(0)
-    _, ticks, _, _, _ = es.RhythmExtractor2013(method="degara", minTempo=40, maxTempo=208)(
-        np.ascontiguousarray(mono44, dtype=np.float32)
+    _, ticks, _, _, _ = resident.compute(
+        "RhythmExtractor2013", {"method": "degara", "minTempo": 40, "maxTempo": 208},
+        np.ascontiguousarray(mono44, dtype=np.float32),
     )
     beats = _fix_octave(np.asarray(ticks, dtype=np.float64), onsets)
     if not _has_pulse(beats, onsets):
