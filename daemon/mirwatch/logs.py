@@ -90,7 +90,11 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write() per event, newline included. print() (PrintLogger) writes the
+        # text and the newline separately; with PYTHONUNBUFFERED, or any write-through
+        # stream, a native library's line (Essentia, TensorFlow write straight to
+        # fd 2) can land between the two and spoil both lines.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 
