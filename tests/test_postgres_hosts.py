@@ -101,7 +101,14 @@ def wait_all_done(hosts: list[Host], names: list[str], timeout: float) -> Counte
         return got if set(names) <= set(got) else None
 
     alive = next(h for h in hosts if h.proc is not None and h.proc.poll() is None)
-    return alive.wait_for(done, timeout, f"all {len(names)} tracks written")
+    try:
+        return alive.wait_for(done, timeout, f"all {len(names)} tracks written")
+    except AssertionError as exc:
+        seen = {t for h in hosts for t in h.tracks("sidecar_written")}
+        missing = sorted(set(names) - seen)
+        events = {h.name: [e for e in h.events() if any(f"/{m}/" in str(e.get("path", "")) for m in missing)][-6:]
+                  for h in hosts}
+        raise AssertionError(f"no sidecar_written for {missing}; their events per host: {events}\n{exc}") from None
 
 
 def shared_queue(make_hosts, host: Host):
