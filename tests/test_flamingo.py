@@ -255,12 +255,27 @@ def test_missing_checkpoint_is_a_load_error_naming_it(tmp_path: Path) -> None:
 
 
 def test_other_architecture_is_refused(tmp_path: Path) -> None:
-    folder = tmp_path / "flamingo" / "music-flamingo-hf"
+    folder = tmp_path / "flamingo" / "qwen2-audio"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "audioflamingo3"}))
-    cfg = FlamingoConfig(**CPU, model_id="nvidia/music-flamingo-hf")
-    with pytest.raises(ModelLoadError, match="not 'musicflamingo'"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_audio"}))
+    cfg = FlamingoConfig(**CPU, model_id="Qwen/qwen2-audio")
+    with pytest.raises(ModelLoadError, match="'qwen2_audio' is not one of 'musicflamingo', 'audioflamingo3'"):
         FlamingoAnalyzer(cfg, ModelStore(tmp_path)).load()
+
+
+def test_the_checkpoint_the_gguf_builds_come_from_loads_and_batches_exactly(tmp_path: Path, clip) -> None:
+    # nvidia/music-flamingo-hf is AudioFlamingo3ForConditionalGeneration: `mirwatch ab`
+    # needs it on the transformers side to compare with llama.cpp on the same weights.
+    from mirwatch.models import tiny_gguf
+
+    tiny_gguf.write_checkpoint(tmp_path / tiny_gguf.CHECKPOINT)
+    analyzer = load(tmp_path, model_id="nvidia/music-flamingo-hf")
+    assert type(analyzer.model).__name__ == "AudioFlamingo3ForConditionalGeneration"
+    batched, naive = analyzer.describe(clip), analyzer.describe_naive(clip)
+    assert batched.mode == "batched"
+    assert {n: d.token_ids for n, d in batched.descriptions.items()} == \
+        {n: d.token_ids for n, d in naive.descriptions.items()}
+    assert any(d.token_ids for d in batched.descriptions.values())
 
 
 def test_corrupted_weights_are_caught_at_load(flamingo_models: Path, tmp_path: Path) -> None:

@@ -36,6 +36,16 @@ log = structlog.get_logger(__name__)
 SAMPLE_RATE = 16_000
 KEY_PREFIX = "music_flamingo_"
 MODEL_FOLDER = "flamingo"
+# config.json's model_type -> the transformers class that runs it. Both take the
+# same processor inputs, so one describe() path serves both:
+# - musicflamingo: nvidia/music-flamingo-2601-hf (rotary time embeddings, 20 min);
+# - audioflamingo3: nvidia/music-flamingo-hf, the checkpoint the GGUF builds are
+#   converted from, so `mirwatch ab` can compare transformers and llama.cpp on
+#   the same weights.
+ARCHITECTURES = {
+    "musicflamingo": "MusicFlamingoForConditionalGeneration",
+    "audioflamingo3": "AudioFlamingo3ForConditionalGeneration",
+}
 # The files that make up a checkpoint (weights, configs, tokenizer, templates).
 _CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".tiktoken")
 
@@ -156,7 +166,7 @@ class FlamingoAnalyzer(Analyzer):
         )
 
     def load(self) -> None:
-        from transformers import AutoProcessor, MusicFlamingoForConditionalGeneration
+        import transformers
 
         folder = self.store.require(self.model_name)
         config_file = self.store.require(f"{self.model_name}/config.json")
@@ -164,19 +174,19 @@ class FlamingoAnalyzer(Analyzer):
             declared = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{config_file}: unreadable model config: {exc}") from None
-        if declared.get("model_type") != "musicflamingo":
+        model_type = declared.get("model_type")
+        if model_type not in ARCHITECTURES:
             raise ModelLoadError(
-                f"{config_file}: model_type {declared.get('model_type')!r} is not 'musicflamingo'"
-                f" (expected a MusicFlamingoForConditionalGeneration checkpoint such as"
-                f" nvidia/music-flamingo-2601-hf)"
+                f"{config_file}: model_type {model_type!r} is not one of {', '.join(map(repr, ARCHITECTURES))}"
+                f" (expected a Music Flamingo checkpoint: nvidia/music-flamingo-2601-hf or nvidia/music-flamingo-hf)"
             )
         self._files = {name: self.store.sha256(name) for name in self._checkpoint_files(folder)}
 
         self.device = torch.device(_resolve_device(self.cfg.device))
         self.attn_implementation = _resolve_attention(self.cfg.attn_implementation, self.device)
         try:
-            self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-            self.model = MusicFlamingoForConditionalGeneration.from_pretrained(
+            self.processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+            self.model = getattr(transformers, ARCHITECTURES[model_type]).from_pretrained(
                 folder,
                 local_files_only=True,
                 dtype=getattr(torch, self.cfg.dtype),
@@ -187,7 +197,8 @@ class FlamingoAnalyzer(Analyzer):
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"{folder}: cannot load Music Flamingo: {text}") from None
         self.attach(self.model, self.processor)
-        log.info("flamingo_loaded", path=str(folder), device=str(self.device), dtype=self.cfg.dtype,
+        log.info("flamingo_loaded", path=str(folder), architecture=ARCHITECTURES[model_type],
+                 device=str(self.device), dtype=self.cfg.dtype,
                  attn_implementation=self.attn_implementation)
 
     def attach(self, model: Any, processor: Any) -> None:
