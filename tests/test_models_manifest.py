@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mirwatch.analyzers.essentia_tags import EssentiaAnalyzer
+from mirwatch.analyzers.flamingo import model_path
 from mirwatch.config import Config, EssentiaConfig, FeaturesConfig, FlamingoConfig
 from mirwatch.models import tiny_essentia
 from mirwatch.models.manifest import (
@@ -261,6 +262,14 @@ def test_groups_follow_the_config():
     assert groups_for(dataclasses.replace(base, essentia=EssentiaConfig(enabled=False))) == set()
     assert {"flamingo", "aesthetics"} <= groups_for(Config())
     manifest = load_manifest()
+    # Each checkpoint's group fetches exactly the folder the analyzer loads it from.
+    for model_id, group in (("nvidia/music-flamingo-2601-hf", "flamingo"), ("nvidia/music-flamingo-hf", "flamingo-hf")):
+        flamingo = dataclasses.replace(base, flamingo=FlamingoConfig(enabled="on", model_id=model_id))
+        assert groups_for(flamingo) == {"essentia", group}
+        [entry] = manifest.select({group})
+        assert entry.hf_repo == model_id and entry.path == model_path(model_id)
+    custom = dataclasses.replace(base, flamingo=FlamingoConfig(enabled="on", model_id="me/finetune"))
+    assert groups_for(custom) == {"essentia"}
     assert {"essentia", "essentia-vggish"} <= manifest.groups
     selected = {e.path for e in manifest.select(groups_for(base))}
     assert "essentia/genre_discogs400-discogs-effnet-1.pb" in selected

@@ -136,6 +136,15 @@ def _entry(table: Any, where: str) -> Entry:
     return Entry(**{**table, "sha256": sha})
 
 
+# [flamingo] model_id -> the manifest group of its transformers checkpoint. A model
+# id not listed (a local fine-tune, say) has no entry to fetch: its folder is the
+# user's to fill.
+FLAMINGO_CHECKPOINT_GROUPS = {
+    "nvidia/music-flamingo-2601-hf": "flamingo",
+    "nvidia/music-flamingo-hf": "flamingo-hf",
+}
+
+
 def groups_for(config: Any) -> set[str]:
     """Manifest groups a configuration needs."""
     groups: set[str] = set()
@@ -149,8 +158,8 @@ def groups_for(config: Any) -> set[str]:
     if flamingo.enabled != "off":
         if flamingo.backend == "gguf":
             groups |= {f"flamingo-gguf-{flamingo.gguf_quant}", "flamingo-gguf-mmproj"}
-        else:
-            groups.add("flamingo")
+        elif flamingo.model_id in FLAMINGO_CHECKPOINT_GROUPS:
+            groups.add(FLAMINGO_CHECKPOINT_GROUPS[flamingo.model_id])
     if getattr(config.features, "enabled", False) and getattr(config.features, "aesthetics", "off") != "off":
         groups.add("aesthetics")
     return groups
