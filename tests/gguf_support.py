@@ -64,14 +64,21 @@ def tiny_gguf_dir() -> Path:
 
 
 def combined_models(tmp: Path, tiny_models: Path) -> Path:
-    """One model dir with the tiny transformers set and the tiny GGUF pair (links, merged checksums)."""
+    """One model dir with the tiny transformers set and the tiny GGUF pair (links, merged checksums).
+
+    Both sets have a ``flamingo/`` folder (the 2601 checkpoint; the one the pair
+    was converted from), so folders are merged one level down.
+    """
     gguf = tiny_gguf_dir()
     target = tmp / "models"
     target.mkdir(parents=True, exist_ok=True)
     for source in (tiny_models, gguf):
-        for entry in source.iterdir():
-            if entry.name != "checksums.json" and not (target / entry.name).exists():
-                (target / entry.name).symlink_to(entry)
+        for family in source.iterdir():
+            if family.is_dir():
+                (target / family.name).mkdir(exist_ok=True)
+                for entry in family.iterdir():
+                    if not (target / family.name / entry.name).exists():
+                        (target / family.name / entry.name).symlink_to(entry)
     store = ModelStore(target)
     store.record({**ModelStore(tiny_models).recorded(), **ModelStore(gguf).recorded()}, test_models=True)
     return target

@@ -13,6 +13,9 @@ from conftest import write_flac
 from gguf_support import combined_models, prompts_toml, require_llama_server, short_prompts
 from mirwatch import ab
 
+# The like-for-like reference for the GGUF builds.
+REF = "transformers:nvidia/music-flamingo-hf"
+
 # --------------------------------------------------------------- the measures
 
 
@@ -51,9 +54,11 @@ def test_genre_check_matches_parent_and_style() -> None:
 
 
 def test_parse_backends() -> None:
-    specs = ab.parse_backends("transformers, gguf:Q8_0,gguf:IQ3_M")
-    assert [(s.label, s.kind, s.quant) for s in specs] == [
-        ("transformers", "transformers", None), ("gguf:Q8_0", "gguf", "Q8_0"), ("gguf:IQ3_M", "gguf", "IQ3_M")]
+    specs = ab.parse_backends("transformers, gguf:Q8_0,gguf:IQ3_M,transformers:nvidia/music-flamingo-hf")
+    assert [(s.label, s.kind, s.quant, s.model_id) for s in specs] == [
+        ("transformers", "transformers", None, None), ("gguf:Q8_0", "gguf", "Q8_0", None),
+        ("gguf:IQ3_M", "gguf", "IQ3_M", None),
+        ("transformers:nvidia/music-flamingo-hf", "transformers", None, "nvidia/music-flamingo-hf")]
     for bad in ("", "vllm", "transformers,transformers", "transformers:x"):
         with pytest.raises(ValueError):
             ab.parse_backends(bad)
@@ -110,19 +115,21 @@ def test_ab_runs_both_backends_and_writes_reports(tmp_path: Path, tiny_models: P
         '[flamingo]\nenabled = "on"\ndtype = "float32"\ngguf_max_audio_seconds = 30.0\n' + prompts_toml()
     )
     out = tmp_path / "report"
-    code = ab.main(["--config", str(config), str(lib), "--backends", "transformers,gguf:f16", "--out", str(out)])
+    # The tiny GGUF pair is converted from the tiny music-flamingo-hf checkpoint: same weights on both sides.
+    code = ab.main(["--config", str(config), str(lib), "--backends", f"{REF},gguf:f16", "--out", str(out)])
     assert code == 0, capsys.readouterr().out[-3000:]
 
     result = json.loads((out / "ab.json").read_text())
     prompts = list(short_prompts())
-    assert result["reference"] == "transformers" and list(result["prompts"]) == prompts
-    assert [b["label"] for b in result["backends"]] == ["transformers", "gguf:f16"]
+    assert result["reference"] == REF and list(result["prompts"]) == prompts
+    assert [(b["label"], b["model_id"]) for b in result["backends"]] == [(REF, "nvidia/music-flamingo-hf"),
+                                                                         ("gguf:f16", None)]
     assert all("error" not in b and b["models"] for b in result["backends"])
     assert sorted(t["name"] for t in result["tracks"]) == ["First Song", "Second Song"]
     for entry in result["tracks"]:
         # Measured by the CPU analyzers (no sidecar yet).
         assert entry["bpm"] > 0 and entry["essentia_genre"]
-        for label in ("transformers", "gguf:f16"):
+        for label in (REF, "gguf:f16"):
             rows = entry["results"][label]["prompts"]
             assert list(rows) == prompts
             for name, row in rows.items():
@@ -134,9 +141,9 @@ def test_ab_runs_both_backends_and_writes_reports(tmp_path: Path, tiny_models: P
                 if ab.Embedder.bundled() is not None and rows[name]["text"]:
                     assert sim is not None and -1.0 <= sim <= 1.0001
                 assert metrics[name]["genres"]["overlap"] in (True, False)
-        assert all(m["similarity"] in (1.0, None) for m in entry["metrics"]["transformers"].values())
+        assert all(m["similarity"] in (1.0, None) for m in entry["metrics"][REF].values())
     summary = result["summary"]
-    assert set(summary) == {"transformers", "gguf:f16"}
+    assert set(summary) == {REF, "gguf:f16"}
     assert summary["gguf:f16"]["mean_seconds_per_prompt"] > 0 and summary["gguf:f16"]["texts"] == 10
 
     md = (out / "report.md").read_text()

@@ -45,23 +45,31 @@ EXIT_FAILED, EXIT_CONFIG, EXIT_MODELS = 1, 2, 3
 
 @dataclass(frozen=True)
 class BackendSpec:
-    label: str  # as given: "transformers", "gguf:Q8_0"
+    label: str  # as given: "transformers", "transformers:nvidia/music-flamingo-hf", "gguf:Q8_0"
     kind: str  # "transformers" or "gguf"
     quant: str | None = None
+    model_id: str | None = None  # transformers only; None: the config's
 
 
 def parse_backends(text: str) -> list[BackendSpec]:
+    """``transformers[:MODEL_ID]`` and ``gguf[:QUANT]``, comma-separated.
+
+    The GGUF builds are conversions of nvidia/music-flamingo-hf, so
+    ``transformers:nvidia/music-flamingo-hf`` is the like-for-like reference;
+    plain ``transformers`` runs the configured checkpoint (by default the newer
+    2601 one, a different model).
+    """
     specs: list[BackendSpec] = []
     for raw in (part.strip() for part in text.split(",")):
         if not raw:
             continue
-        kind, _, quant = raw.partition(":")
-        if kind == "transformers" and not quant:
-            specs.append(BackendSpec(raw, "transformers"))
+        kind, _, detail = raw.partition(":")
+        if kind == "transformers" and (not detail or "/" in detail.strip("/")):
+            specs.append(BackendSpec(raw, "transformers", model_id=detail or None))
         elif kind == "gguf":
-            specs.append(BackendSpec(raw, "gguf", quant or None))
+            specs.append(BackendSpec(raw, "gguf", detail or None))
         else:
-            raise ValueError(f"unknown backend {raw!r}: use transformers or gguf[:QUANT]")
+            raise ValueError(f"unknown backend {raw!r}: use transformers[:ORG/MODEL] or gguf[:QUANT]")
     labels = [s.label for s in specs]
     if not specs or len(set(labels)) != len(labels):
         raise ValueError("--backends needs one or more distinct backends, e.g. transformers,gguf:Q8_0")
@@ -72,6 +80,8 @@ def flamingo_config(spec: BackendSpec, base: Any) -> Any:
     changes: dict[str, Any] = {"backend": spec.kind}
     if spec.quant:
         changes["gguf_quant"] = spec.quant
+    if spec.model_id:
+        changes["model_id"] = spec.model_id
     return dataclasses.replace(base, **changes)
 
 
@@ -354,7 +364,9 @@ def compare(
 
     backends: list[dict[str, Any]] = []
     for spec in specs:
-        info: dict[str, Any] = {"label": spec.label, "kind": spec.kind, "quant": spec.quant}
+        info: dict[str, Any] = {"label": spec.label, "kind": spec.kind, "quant": spec.quant,
+                                "model_id": spec.model_id or (cfg.flamingo.model_id if spec.kind == "transformers"
+                                                              else None)}
         backends.append(info)
         analyzer = build_analyzer(spec, cfg, store, log)
         started = time.perf_counter()
@@ -501,8 +513,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> argpa
     p = sub.add_parser("ab", parents=[common] if common is not None else [],
                        help="compare Music Flamingo backends on the same tracks")
     p.add_argument("paths", nargs="+", type=Path, metavar="TRACK_OR_FOLDER")
-    p.add_argument("--backends", default="transformers,gguf:Q8_0",
-                   help="comma-separated: transformers, gguf:QUANT (default: %(default)s)")
+    p.add_argument("--backends", default="transformers:nvidia/music-flamingo-hf,gguf:Q8_0",
+                   help="comma-separated: transformers[:ORG/MODEL] (default model: the config's), gguf:QUANT;"
+                        " the GGUF builds come from nvidia/music-flamingo-hf (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where ab.json and the reports go")
     p.add_argument("--reference", help="backend the others are compared with (default: the first)")
     p.add_argument("--no-similarity", action="store_true", help="skip the sentence-embedding similarity")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from . import tiny_flamingo
@@ -29,6 +28,8 @@ MODEL_FOLDER = "flamingo-gguf"
 TEXT_NAME = "music-flamingo-hf.f16.gguf"
 MMPROJ_NAME = "music-flamingo-hf.mmproj-f16.gguf"
 QUANT = "f16"
+# The transformers checkpoint the pair is converted from, named like nvidia/music-flamingo-hf's folder.
+CHECKPOINT = "flamingo/music-flamingo-hf"
 
 # Run in a child interpreter: the converter is a script with module state.
 # 1. It identifies a BPE pre-tokenizer by hashing what the tokenizer makes of
@@ -105,7 +106,10 @@ def convert(checkpoint: Path, text_out: Path, mmproj_out: Path, *, src: Path, ou
 
 
 def write(root: Path, *, src: Path | None = None) -> list[str]:
-    """Write the tiny GGUF pair under ``root/flamingo-gguf/``; returns names relative to root."""
+    """Write the tiny GGUF pair under ``root/flamingo-gguf/`` and the checkpoint it was converted
+    from under ``root/flamingo/music-flamingo-hf/`` (where `models fetch` puts the real one), so
+    that transformers and llama.cpp can be compared on the same weights. Returns the names of
+    the files written, relative to root."""
     src = src or llama_src()
     if src is None:
         raise FileNotFoundError(
@@ -113,9 +117,9 @@ def write(root: Path, *, src: Path | None = None) -> list[str]:
             " (or set MIRWATCH_LLAMA_SERVER to its bin/llama-server)"
         )
     root = Path(root)
-    with tempfile.TemporaryDirectory(prefix="tiny-af3-") as tmp:
-        checkpoint = write_checkpoint(Path(tmp) / "music-flamingo-hf")
-        folder = root / MODEL_FOLDER
-        convert(checkpoint, folder / TEXT_NAME, folder / MMPROJ_NAME, src=src)
-    return [f"{MODEL_FOLDER}/{TEXT_NAME}", f"{MODEL_FOLDER}/{MMPROJ_NAME}"]
+    checkpoint = write_checkpoint(root / CHECKPOINT)
+    folder = root / MODEL_FOLDER
+    convert(checkpoint, folder / TEXT_NAME, folder / MMPROJ_NAME, src=src)
+    written = sorted(p.relative_to(root).as_posix() for p in checkpoint.rglob("*") if p.is_file())
+    return written + [f"{MODEL_FOLDER}/{TEXT_NAME}", f"{MODEL_FOLDER}/{MMPROJ_NAME}"]
 
