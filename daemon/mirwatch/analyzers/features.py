@@ -27,7 +27,7 @@ from .base import STEM_NAMES, Analyzer, Cancelled, ModelLoadError, Result, Track
 from .mir import Measured, chroma, loudness, rhythm, spectra, spectral, stems
 
 # Bump when a definition changes: old sidecars become stale.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: resampled to 44.1 kHz with soxr (was Essentia's fastest sinc)
 GROUPS = ("loudness", "rhythm", "spectral", "bands", "chroma", "stems")
 NOT_COMPUTED = {
     "timbral": "timbral_models 0.4.0 (2019), the only Audio Commons implementation, "

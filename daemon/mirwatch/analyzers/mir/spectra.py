@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...audio import resample
+
 RATE = 44_100
 FRAME = 2048
 HOP = 1024
@@ -43,21 +45,8 @@ class Spectra:
 
 
 def to_analysis_rate(mono: np.ndarray, rate: int) -> np.ndarray:
-    """Mono at 44.1 kHz.
-
-    libsamplerate's fastest sinc converter is used: its ~97 dB of stop-band
-    rejection is far more than onsets, beats and spectral shape need, and it is
-    twenty times cheaper than the best one on a 5-minute track.
-    """
-    mono = np.ascontiguousarray(mono, dtype=np.float32)
-    if rate == RATE or mono.size == 0:
-        return mono
-    import essentia.standard as es
-
-    return np.asarray(
-        es.Resample(inputSampleRate=float(rate), outputSampleRate=float(RATE), quality=3)(mono),
-        dtype=np.float32,
-    )
+    """Mono at 44.1 kHz, resampled like everything else in mirwatch (`audio.resample`)."""
+    return resample(mono, rate, RATE)
 
 
 def compute(mono44: np.ndarray) -> Spectra:
