@@ -96,6 +96,22 @@ def test_claim_complete_and_replaced_file_runs_again(q):
     assert q.get(P).state == "queued" and q.get(P).attempts == 0
 
 
+def test_recent_done_counts_done_jobs_only_and_times_the_first(q):
+    paths = [P.parent.parent / f"T{i}" / "full_mix.flac" for i in range(5)]
+    for path in paths:
+        q.enqueue(path, 10, 1, reason="new")
+    assert q.recent_done(3600) == (0, 0.0)
+    first = q.claim()
+    q.complete(first)
+    time.sleep(1.5)
+    for _ in range(2):
+        q.complete(q.claim())
+    q.fail(q.claim(), "bad", permanent=True)  # failures are not progress
+    done, span = q.recent_done(3600)
+    assert done == 3 and 1.5 <= span < 60
+    assert q.recent_done(1.2)[0] == 2  # the first one finished before the window
+
+
 def test_change_while_running_reruns_after(q):
     q.enqueue(P, 10, 1, reason="new")
     job = q.claim()

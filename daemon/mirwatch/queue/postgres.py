@@ -424,6 +424,12 @@ class PostgresQueue:
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
 
+    def recent_done(self, window: float) -> tuple[int, float]:
+        row = self._run(lambda conn: conn.execute(
+            f"SELECT COUNT(*) AS n, {NOW} - MIN(finished_at) AS span FROM mirwatch.jobs"
+            f" WHERE state = 'done' AND finished_at >= {NOW} - %(window)s", {"window": window}).fetchone())
+        return row["n"], float(row["span"]) if row["n"] else 0.0
+
     def running(self) -> list[Job]:
         return self._jobs("SELECT * FROM mirwatch.jobs WHERE state = 'running' ORDER BY started_at")
 

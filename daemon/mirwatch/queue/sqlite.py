@@ -289,6 +289,13 @@ class SQLiteQueue:
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
 
+    def recent_done(self, window: float) -> tuple[int, float]:
+        now = time.time()
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) AS n, MIN(finished_at) AS first FROM jobs"
+                                   " WHERE state = 'done' AND finished_at >= ?", (now - window,)).fetchone()
+        return row["n"], (now - row["first"]) if row["n"] else 0.0
+
     def running(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at").fetchall()
