@@ -258,3 +258,27 @@ def test_a_track_too_short_for_the_models_fails_once_not_max_attempts_times(daem
     failure = d.status()["recent_failures"][0]
     assert failure["attempts"] == 1 and "too short" in failure["last_error"]
     assert d.stop() == 0
+
+
+def test_progress_events_and_status_give_the_pace_and_when_the_backlog_is_done(daemon_factory):
+    d = daemon_factory("progress_interval = 1.0\n" + CPU_ONLY)  # lands in [logging]
+    names = [f"P{i:02d}" for i in range(20)]
+    for i, name in enumerate(names):
+        write_flac(d.lib / name / "full_mix.flac", seconds=3, seed=i)
+    d.start()
+    d.wait_event("job_done", count=len(names), timeout=240)
+    busy = d.events("progress")
+    assert busy and busy[0]["queued"] + busy[0]["running"] > 0
+    paced = [e for e in busy if e["done_last_hour"]]
+    assert paced, busy
+    for e in paced:
+        left = e["queued"] + e["running"]
+        assert e["per_hour"] > 0 and e["eta_seconds"] == round(left / e["per_hour"] * 3600)
+        assert e["done_last_hour"] == e["done"]  # everything this run did was within the hour
+    report = d.status()
+    assert report["progress"]["done_last_hour"] == len(names)
+    assert report["progress"]["eta_seconds"] == 0 and report["progress"]["per_hour"] > 0
+    text = subprocess.run([sys.executable, "-m", "mirwatch.cli", "status", "--config", str(d.config)],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"({len(names)} done in the last hour); backlog done in 0 s" in text
+    assert d.stop() == 0

@@ -133,10 +133,14 @@ def _analyze(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
 def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
     from .queue import open_queue
 
+    from . import progress
+
     jobs = open_queue(cfg, log)
     now = time.time()
+    counts = jobs.counts()
     report = {
-        "counts": jobs.counts(),
+        "counts": counts,
+        "progress": progress.of(jobs, counts),
         "running": [dict(j.as_dict(), elapsed=round(now - (j.started_at or now), 1)) for j in jobs.running()],
         "recent_failures": [j.as_dict() for j in jobs.recent_failures(10)],
         "hosts": jobs.hosts(),
@@ -147,6 +151,10 @@ def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
         return 0
     c = report["counts"]
     print(f"queued {c['queued']}  running {c['running']}  done {c['done']}  failed {c['failed']}")
+    p = report["progress"]
+    if p["done_last_hour"]:
+        print(f"pace {p['per_hour']:g} tracks/h ({p['done_last_hour']} done in the last hour);"
+              f" backlog done in {progress.human(p['eta_seconds'])}")
     for job in report["running"]:
         print(f"running: {job['path']} ({job['elapsed']:.0f} s, attempt {job['attempts']})")
     for host in report["hosts"]:

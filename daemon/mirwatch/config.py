@@ -274,6 +274,8 @@ class FeaturesConfig:
 class LoggingConfig:
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Seconds between `progress` events (pace, backlog ETA) while there is work; 0: none.
+    progress_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,7 @@ def from_dict(
         "worker.job_timeout": (cfg.worker.job_timeout, False),
         "worker.stop_grace": (cfg.worker.stop_grace, True),
         "worker.max_duration": (cfg.worker.max_duration, False),
+        "logging.progress_interval": (cfg.logging.progress_interval, True),
     }
     for key, (value, zero_ok) in durations.items():
         if value < 0 or (value == 0 and not zero_ok):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import notify, reconcile, sidecar
+from . import notify, progress, reconcile, sidecar
 from .analyzers.base import ModelLoadError
 from .config import Config
 from .pipeline import Pipeline
@@ -52,6 +52,8 @@ class Daemon:
         self.log = log
         self._stop = threading.Event()
         self._status = ""
+        self._pace = ""  # "120 tracks/h, done in 2 h 10 min" for STATUS=, refreshed with each progress check
+        self._next_progress = 0.0
 
     def request_stop(self, signum: int, _frame: Any = None) -> None:
         self.log.info("stop_requested", signal=signal.Signals(signum).name)
@@ -145,6 +147,7 @@ class Daemon:
         next_rescan = time.monotonic() + rescan_every if rescan_every > 0 else float("inf")
         complained = False
         while not self._stop.wait(tick):
+            self._progress(jobs)
             self._update_status(jobs, worker)
             self._heartbeat(jobs, worker)
             healthy, why = worker.healthy()
@@ -174,10 +177,32 @@ class Daemon:
             self.log.warning("lease_lost", job_id=job.id, path=str(job.path),
                              detail="another host may take this job over; its result will not be written")
 
+    def _progress(self, jobs: SQLiteQueue) -> None:
+        """Every ``progress_interval`` while there is work: log the pace and when the backlog will be done."""
+        every = self.cfg.logging.progress_interval
+        now = time.monotonic()
+        if not every or now < self._next_progress:
+            return
+        self._next_progress = now + every
+        try:
+            counts = jobs.counts()
+            estimate = progress.of(jobs, counts)
+        except Exception as exc:  # noqa: BLE001 - a queue outage is reported by the worker; skip this one
+            self.log.debug("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
+            return
+        if not counts["queued"] and not counts["running"]:
+            self._pace = ""
+            return
+        self._pace = (f"{estimate['per_hour']:g} tracks/h, done in {progress.human(estimate['eta_seconds'])}"
+                      if estimate["done_last_hour"] else "")
+        self.log.info("progress", **counts, **estimate, eta=progress.human(estimate["eta_seconds"]))
+
     def _update_status(self, jobs: SQLiteQueue, worker: Worker) -> None:
         counts = jobs.counts()
         current = worker.current()
         status = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
+        if self._pace and counts["queued"]:
+            status += f" ({self._pace})"
         if current:
             status += f"; analysing {_printable(current[0].path.parent.name)}"
         if getattr(worker, "waiting", ""):
