@@ -17,10 +17,11 @@ MIN_SPAN = 60.0
 
 def estimate(queued: int, running: int, done_recently: int, span: float) -> dict[str, Any]:
     """Rate per hour and seconds until `queued` + `running` jobs are done (None: no rate yet)."""
-    per_hour = done_recently * 3600.0 / max(span, MIN_SPAN) if done_recently else 0.0
+    # Rounded first, so that the ETA follows from the rate as printed.
+    per_hour = round(done_recently * 3600.0 / max(span, MIN_SPAN), 1) if done_recently else 0.0
     left = queued + running
     eta = round(left / per_hour * 3600.0) if per_hour and left else (0 if not left else None)
-    return {"done_last_hour": done_recently, "per_hour": round(per_hour, 1), "eta_seconds": eta}
+    return {"done_last_hour": done_recently, "per_hour": per_hour, "eta_seconds": eta}
 
 
 def of(jobs: Any, counts: dict[str, int] | None = None) -> dict[str, Any]:
