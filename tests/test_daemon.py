@@ -280,5 +280,5 @@ def test_progress_events_and_status_give_the_pace_and_when_the_backlog_is_done(d
     assert report["progress"]["eta_seconds"] == 0 and report["progress"]["per_hour"] > 0
     text = subprocess.run([sys.executable, "-m", "mirwatch.cli", "status", "--config", str(d.config)],
                           capture_output=True, text=True, timeout=60, check=True).stdout
-    assert f"({len(names)} done in the last hour); backlog done in 0 s" in text
+    assert f"({len(names)} done in the last hour); nothing left to do" in text
     assert d.stop() == 0

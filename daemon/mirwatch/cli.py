@@ -153,8 +153,9 @@ def _status(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
     print(f"queued {c['queued']}  running {c['running']}  done {c['done']}  failed {c['failed']}")
     p = report["progress"]
     if p["done_last_hour"]:
-        print(f"pace {p['per_hour']:g} tracks/h ({p['done_last_hour']} done in the last hour);"
-              f" backlog done in {progress.human(p['eta_seconds'])}")
+        backlog = (f"backlog done in {progress.human(p['eta_seconds'])}" if c["queued"] + c["running"]
+                   else "nothing left to do")
+        print(f"pace {p['per_hour']:g} tracks/h ({p['done_last_hour']} done in the last hour); {backlog}")
     for job in report["running"]:
         print(f"running: {job['path']} ({job['elapsed']:.0f} s, attempt {job['attempts']})")
     for host in report["hosts"]:
