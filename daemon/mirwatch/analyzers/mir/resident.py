@@ -8,8 +8,8 @@ network reschedules an algorithm whose output buffer is full (the EffNet
 embedding does so thousands of times per track) Essentia prints
 ``No network created, or last created network has been deleted...``.
 Built per call, these two algorithms made every track after the first
-flood the log with ~2,000 such lines per 3 s of audio, and the unbuffered
-native writes split mirwatch's own JSON lines.
+print ~2,000 such lines (3 s of audio) to ~10,000 (5 minutes), and those
+native writes, landing mid-event, split mirwatch's own JSON lines.
 
 So they are kept for the life of the process, like the models: one
 instance per distinct configuration (in practice one per sample rate),
