@@ -57,7 +57,9 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._commit = threading.Lock()
-        self._in_flight: dict[int, _InFlight] = {}
+        # Keyed by (job id, claim): a host frozen past its lease can claim the same job
+        # again while the stale flight is still winding down; neither may unlist the other.
+        self._in_flight: dict[tuple[int, int], _InFlight] = {}
         self._threads: list[threading.Thread] = []
         self.done_count = 0
         self.failed_count = 0
@@ -136,7 +138,7 @@ class Worker:
                 self._wake.clear()
                 continue
             flight = _InFlight(job)
-            self._in_flight[job.id] = flight
+            self._in_flight[(job.id, job.claim)] = flight
             log = self.log.bind(job_id=job.id, path=str(job.path))
             log.info("job_started", attempt=job.attempts, reason=job.reason,
                      queue_depth=self.jobs.counts()["queued"])
@@ -186,13 +188,13 @@ class Worker:
             # check (and extend the lease) right before the sidecar rename.
             if not self.jobs.still_owned(flight.job):
                 flight.abandoned = True
-                self._in_flight.pop(flight.job.id, None)
+                self._in_flight.pop((flight.job.id, flight.job.claim), None)
                 self._slots.release()
                 log.warning("lease_lost", detail="another host took this job over; this result is discarded")
                 return
             path = self.pipeline.write(prepared, on_corrupt=corrupt)
             self.jobs.complete(flight.job)
-            self._in_flight.pop(flight.job.id, None)
+            self._in_flight.pop((flight.job.id, flight.job.claim), None)
         self._resumed()
         self._slots.release()
         self.done_count += 1
@@ -208,7 +210,7 @@ class Worker:
             if outcome and not flight.abandoned:
                 self.jobs.complete(flight.job)
                 log.info("job_done", outcome=outcome, queue_depth=self.jobs.counts()["queued"])
-            self._in_flight.pop(flight.job.id, None)
+            self._in_flight.pop((flight.job.id, flight.job.claim), None)
         self._slots.release()
 
     def _pause(self, reason: str) -> None:
@@ -246,7 +248,7 @@ class Worker:
                 fields = {"traceback": traceback.format_exc(limit=8)} if not permanent else {}
                 log.error("job_failed", error=reason, state=state, attempt=flight.job.attempts,
                           queue_depth=self.jobs.counts()["queued"], **fields)
-            self._in_flight.pop(flight.job.id, None)
+            self._in_flight.pop((flight.job.id, flight.job.claim), None)
         self._slots.release()
         if not isinstance(exc, Exception):
             raise exc  # KeyboardInterrupt/SystemExit: not ours to swallow
