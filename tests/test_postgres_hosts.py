@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -199,3 +201,46 @@ def test_a_host_frozen_past_its_lease_does_not_write_over_the_newer_result(make_
     written = Counter(t for h in (a, b) for t in h.tracks("sidecar_written"))
     assert written == Counter({n: 1 for n in names}), written
     assert b.status()["counts"] == {"queued": 0, "running": 0, "done": 6, "failed": 0}
+
+
+def test_the_watchdog_keeps_being_pinged_while_the_queue_server_is_down(make_hosts, tmp_path):
+    # systemd kills a daemon whose pings stop for WatchdogSec; an outage of the shared
+    # queue must pause the work, not look like a hang.
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    pings: list[float] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                continue
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    library, (host,) = make_hosts(1, lease=10)
+    host.env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}  # a ping every second
+    try:
+        start_all([host])
+        host.wait_for(lambda: len(pings) >= 2, 30, "first pings")
+        make_hosts.cluster.stop()
+        down = time.monotonic()
+        try:
+            time.sleep(8.0)
+        finally:
+            make_hosts.cluster.start()
+        during = [down] + [t for t in pings if t >= down] + [down + 8.0]
+        gaps = [b - a for a, b in zip(during, during[1:])]
+        assert max(gaps) < 2.0, f"watchdog pings stopped for {max(gaps):.1f} s while the server was down"
+        add_tracks(library, ["After"])
+        wait_all_done([host], ["After"], timeout=120)
+        assert host.proc.poll() is None
+    finally:
+        stop.set()
+        listener.join()
+        sock.close()

@@ -24,10 +24,10 @@ def estimate(queued: int, running: int, done_recently: int, span: float) -> dict
     return {"done_last_hour": done_recently, "per_hour": per_hour, "eta_seconds": eta}
 
 
-def of(jobs: Any, counts: dict[str, int] | None = None) -> dict[str, Any]:
-    """`estimate` for a queue (`counts` if already read)."""
-    counts = counts or jobs.counts()
-    done, span = jobs.recent_done(WINDOW)
+def of(jobs: Any, counts: dict[str, int] | None = None, *, wait: bool = True) -> dict[str, Any]:
+    """`estimate` for a queue (`counts` if already read; `wait` as for the queue's reads)."""
+    counts = counts or jobs.counts(wait=wait)
+    done, span = jobs.recent_done(WINDOW, wait=wait)
     return estimate(counts["queued"], counts["running"], done, span)
 
 

@@ -22,7 +22,7 @@ from . import notify, progress, reconcile, sidecar
 from .analyzers.base import ModelLoadError
 from .config import Config
 from .pipeline import Pipeline
-from .queue import SQLiteQueue, open_queue
+from .queue import QueueUnavailable, SQLiteQueue, open_queue
 from .watcher import LibraryWatcher
 from .worker import Worker
 
@@ -185,8 +185,8 @@ class Daemon:
             return
         self._next_progress = now + every
         try:
-            counts = jobs.counts()
-            estimate = progress.of(jobs, counts)
+            counts = jobs.counts(wait=False)
+            estimate = progress.of(jobs, counts, wait=False)
         except Exception as exc:  # noqa: BLE001 - a queue outage is reported by the worker; skip this one
             self.log.debug("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
             return
@@ -198,7 +198,10 @@ class Daemon:
         self.log.info("progress", **counts, **estimate, eta=progress.human(estimate["eta_seconds"]))
 
     def _update_status(self, jobs: SQLiteQueue, worker: Worker) -> None:
-        counts = jobs.counts()
+        try:
+            counts = jobs.counts(wait=False)
+        except QueueUnavailable:
+            return  # the last STATUS= stands; the worker logs the outage
         current = worker.current()
         status = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
         if self._pace and counts["queued"]:

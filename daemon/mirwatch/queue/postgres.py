@@ -417,17 +417,18 @@ class PostgresQueue:
 
     # -- readers ----------------------------------------------------------------
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, *, wait: bool = True) -> dict[str, int]:
         rows = self._run(lambda conn: conn.execute(
-            "SELECT state, COUNT(*) AS n FROM mirwatch.jobs GROUP BY state").fetchall())
+            "SELECT state, COUNT(*) AS n FROM mirwatch.jobs GROUP BY state").fetchall(), retry=wait)
         counts = dict.fromkeys(STATES, 0)
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
 
-    def recent_done(self, window: float) -> tuple[int, float]:
+    def recent_done(self, window: float, *, wait: bool = True) -> tuple[int, float]:
         row = self._run(lambda conn: conn.execute(
             f"SELECT COUNT(*) AS n, {NOW} - MIN(finished_at) AS span FROM mirwatch.jobs"
-            f" WHERE state = 'done' AND finished_at >= {NOW} - %(window)s", {"window": window}).fetchone())
+            f" WHERE state = 'done' AND finished_at >= {NOW} - %(window)s", {"window": window}).fetchone(),
+            retry=wait)
         return row["n"], float(row["span"]) if row["n"] else 0.0
 
     def running(self) -> list[Job]:

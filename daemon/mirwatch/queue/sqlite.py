@@ -282,14 +282,14 @@ class SQLiteQueue:
 
     # -- readers --------------------------------------------------------------
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, *, wait: bool = True) -> dict[str, int]:  # a local file: nothing to wait out
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         counts = dict.fromkeys(STATES, 0)
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
 
-    def recent_done(self, window: float) -> tuple[int, float]:
+    def recent_done(self, window: float, *, wait: bool = True) -> tuple[int, float]:
         now = time.time()
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) AS n, MIN(finished_at) AS first FROM jobs"
