@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,43 @@ def write_flac(path: Path, seconds: float = 4.0, sr: int = 44100, *, seed: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(flac_bytes(seconds, sr, seed=seed))
     return path
+
+
+class NotifySocket:
+    """What systemd would hear: a unix datagram socket for ``NOTIFY_SOCKET``, read by a thread.
+
+    ``received`` holds (monotonic time, message) pairs; use it as a context manager.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.received: list[tuple[float, str]] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    @property
+    def messages(self) -> list[str]:
+        return [m for _, m in self.received]
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.received.append((time.monotonic(), data.decode()))
+
+    def __enter__(self) -> NotifySocket:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
 
 
 class Daemon:

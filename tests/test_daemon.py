@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from conftest import flac_bytes, write_flac
+from conftest import NotifySocket, flac_bytes, write_flac
 
 # Flamingo and aesthetics are covered by their own daemon tests; these keep start-up short.
 CPU_ONLY = '[flamingo]\nenabled = "off"\n[features]\naesthetics = "off"\n'
@@ -168,34 +166,17 @@ def test_files_added_while_down_and_stale_sidecars_are_reconciled_at_start(daemo
 
 
 def test_sd_notify_ready_status_watchdog_and_stopping(daemon_factory, tmp_path):
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(0.5)
-    messages: list[str] = []
-    stop = threading.Event()
-
-    def listen():
-        while not stop.is_set():
-            try:
-                messages.append(sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    d = daemon_factory(CPU_ONLY, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
-    write_flac(d.lib / "N" / "full_mix.flac", seconds=3)
-    d.start()
-    d.wait_for(lambda: "READY=1" in messages, timeout=120, what="READY=1")
-    d.wait_for(lambda: sum(m == "WATCHDOG=1" for m in messages) >= 2, timeout=30, what="WATCHDOG=1")
-    d.wait_for(lambda: any(m.startswith("STATUS=") and "done 1" in m for m in messages), timeout=60,
-               what="STATUS with progress")
-    assert d.stop() == 0
-    time.sleep(0.5)
-    stop.set()
-    listener.join()
-    sock.close()
+    with NotifySocket(tmp_path / "notify.sock") as notify:
+        d = daemon_factory(CPU_ONLY, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+        write_flac(d.lib / "N" / "full_mix.flac", seconds=3)
+        d.start()
+        d.wait_for(lambda: "READY=1" in notify.messages, timeout=120, what="READY=1")
+        d.wait_for(lambda: notify.messages.count("WATCHDOG=1") >= 2, timeout=30, what="WATCHDOG=1")
+        d.wait_for(lambda: any(m.startswith("STATUS=") and "done 1" in m for m in notify.messages), timeout=60,
+                   what="STATUS with progress")
+        assert d.stop() == 0
+        time.sleep(0.5)
+    messages = notify.messages
     assert "STOPPING=1" in messages
     assert messages.index("READY=1") < messages.index("STOPPING=1")
     assert any(m.startswith("STATUS=loading models") for m in messages[: messages.index("READY=1")])

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import pgcluster
-from conftest import Daemon, flac_bytes
+from conftest import Daemon, NotifySocket, flac_bytes
 
 CPU_ONLY = '[flamingo]\nenabled = "off"\n[features]\naesthetics = "off"\n'
 
@@ -206,41 +204,24 @@ def test_a_host_frozen_past_its_lease_does_not_write_over_the_newer_result(make_
 def test_the_watchdog_keeps_being_pinged_while_the_queue_server_is_down(make_hosts, tmp_path):
     # systemd kills a daemon whose pings stop for WatchdogSec; an outage of the shared
     # queue must pause the work, not look like a hang.
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(0.2)
-    pings: list[float] = []
-    stop = threading.Event()
-
-    def listen() -> None:
-        while not stop.is_set():
-            try:
-                if sock.recv(4096) == b"WATCHDOG=1":
-                    pings.append(time.monotonic())
-            except TimeoutError:
-                continue
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
     library, (host,) = make_hosts(1, lease=10)
-    host.env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}  # a ping every second
-    try:
+    with NotifySocket(tmp_path / "notify.sock") as notify:
+        host.env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}  # a ping every second
+
+        def pings() -> list[float]:
+            return [t for t, m in notify.received if m == "WATCHDOG=1"]
+
         start_all([host])
-        host.wait_for(lambda: len(pings) >= 2, 30, "first pings")
+        host.wait_for(lambda: len(pings()) >= 2, 30, "first pings")
         make_hosts.cluster.stop()
         down = time.monotonic()
         try:
             time.sleep(8.0)
         finally:
             make_hosts.cluster.start()
-        during = [down] + [t for t in pings if t >= down] + [down + 8.0]
+        during = [down] + [t for t in pings() if t >= down] + [down + 8.0]
         gaps = [b - a for a, b in zip(during, during[1:])]
         assert max(gaps) < 2.0, f"watchdog pings stopped for {max(gaps):.1f} s while the server was down"
         add_tracks(library, ["After"])
         wait_all_done([host], ["After"], timeout=120)
         assert host.proc.poll() is None
-    finally:
-        stop.set()
-        listener.join()
-        sock.close()
