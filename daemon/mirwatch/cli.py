@@ -205,7 +205,7 @@ def _models(cfg: config_mod.Config, args: argparse.Namespace, log: Any) -> int:
 
     store = ModelStore(cfg.models.dir)
     manifest = manifest_mod.load_manifest(cfg.models.manifest)
-    groups = set(args.group) if args.group else manifest_mod.groups_for(cfg)
+    groups = set(args.group) if args.group else manifest_mod.groups_for(cfg, manifest)
     if args.models_command == "fetch":
         if args.flamingo_gguf:
             groups |= {f"flamingo-gguf-{args.flamingo_gguf}", "flamingo-gguf-mmproj"}

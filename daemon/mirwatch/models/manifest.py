@@ -136,17 +136,13 @@ def _entry(table: Any, where: str) -> Entry:
     return Entry(**{**table, "sha256": sha})
 
 
-# [flamingo] model_id -> the manifest group of its transformers checkpoint. A model
-# id not listed (a local fine-tune, say) has no entry to fetch: its folder is the
-# user's to fill.
-FLAMINGO_CHECKPOINT_GROUPS = {
-    "nvidia/music-flamingo-2601-hf": "flamingo",
-    "nvidia/music-flamingo-hf": "flamingo-hf",
-}
+def groups_for(config: Any, manifest: Manifest | None = None) -> set[str]:
+    """Manifest groups a configuration needs (`manifest`: default, the packaged one).
 
-
-def groups_for(config: Any) -> set[str]:
-    """Manifest groups a configuration needs."""
+    The transformers checkpoint's group is that of the entry whose ``hf_repo`` is
+    ``[flamingo] model_id``; a model id with no entry (a local fine-tune, say) has
+    nothing to fetch: its folder is the user's to fill.
+    """
     groups: set[str] = set()
     ess = config.essentia
     if ess.enabled:
@@ -158,8 +154,9 @@ def groups_for(config: Any) -> set[str]:
     if flamingo.enabled != "off":
         if flamingo.backend == "gguf":
             groups |= {f"flamingo-gguf-{flamingo.gguf_quant}", "flamingo-gguf-mmproj"}
-        elif flamingo.model_id in FLAMINGO_CHECKPOINT_GROUPS:
-            groups.add(FLAMINGO_CHECKPOINT_GROUPS[flamingo.model_id])
+        else:
+            manifest = manifest or load_manifest()
+            groups |= {e.group for e in manifest.entries if e.hf_repo == flamingo.model_id}
     if getattr(config.features, "enabled", False) and getattr(config.features, "aesthetics", "off") != "off":
         groups.add("aesthetics")
     return groups
