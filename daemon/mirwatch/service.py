@@ -147,8 +147,13 @@ class Daemon:
         next_rescan = time.monotonic() + rescan_every if rescan_every > 0 else float("inf")
         complained = False
         while not self._stop.wait(tick):
-            self._progress(jobs)
-            self._update_status(jobs, worker)
+            try:
+                counts = jobs.counts(wait=False)
+            except QueueUnavailable:
+                counts = None  # the last STATUS= stands; the worker logs the outage
+            if counts is not None:
+                self._progress(jobs, counts)
+                self._update_status(counts, worker)
             self._heartbeat(jobs, worker)
             healthy, why = worker.healthy()
             if healthy:
@@ -177,31 +182,26 @@ class Daemon:
             self.log.warning("lease_lost", job_id=job.id, path=str(job.path),
                              detail="another host may take this job over; its result will not be written")
 
-    def _progress(self, jobs: SQLiteQueue) -> None:
+    def _progress(self, jobs: SQLiteQueue, counts: dict[str, int]) -> None:
         """Every ``progress_interval`` while there is work: log the pace and when the backlog will be done."""
         every = self.cfg.logging.progress_interval
         now = time.monotonic()
         if not every or now < self._next_progress:
             return
         self._next_progress = now + every
+        if not counts["queued"] and not counts["running"]:
+            self._pace = ""
+            return
         try:
-            counts = jobs.counts(wait=False)
             estimate = progress.of(jobs, counts, wait=False)
         except Exception as exc:  # noqa: BLE001 - a queue outage is reported by the worker; skip this one
             self.log.debug("progress_unavailable", error=f"{type(exc).__name__}: {exc}")
-            return
-        if not counts["queued"] and not counts["running"]:
-            self._pace = ""
             return
         self._pace = (f"{estimate['per_hour']:g} tracks/h, done in {progress.human(estimate['eta_seconds'])}"
                       if estimate["done_last_hour"] else "")
         self.log.info("progress", **counts, **estimate, eta=progress.human(estimate["eta_seconds"]))
 
-    def _update_status(self, jobs: SQLiteQueue, worker: Worker) -> None:
-        try:
-            counts = jobs.counts(wait=False)
-        except QueueUnavailable:
-            return  # the last STATUS= stands; the worker logs the outage
+    def _update_status(self, counts: dict[str, int], worker: Worker) -> None:
         current = worker.current()
         status = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
         if self._pace and counts["queued"]:
