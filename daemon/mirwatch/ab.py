@@ -365,8 +365,8 @@ def compare(
     backends: list[dict[str, Any]] = []
     for spec in specs:
         info: dict[str, Any] = {"label": spec.label, "kind": spec.kind, "quant": spec.quant,
-                                "model_id": spec.model_id or (cfg.flamingo.model_id if spec.kind == "transformers"
-                                                              else None)}
+                                "model_id": flamingo_config(spec, cfg.flamingo).model_id
+                                if spec.kind == "transformers" else None}
         backends.append(info)
         analyzer = build_analyzer(spec, cfg, store, log)
         started = time.perf_counter()
