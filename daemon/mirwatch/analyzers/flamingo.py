@@ -98,6 +98,39 @@ def cap_audio(audio: np.ndarray, limit_s: float, *, truncated_before: bool = Fal
     return audio, None
 
 
+def track_result(
+    cfg: FlamingoConfig,
+    identity: dict[str, Any],
+    *,
+    audio: np.ndarray,
+    seed: int,
+    warning: str | None,
+    mode: str,
+    timings: dict[str, float],
+    answers: dict[str, tuple[str, int, str, float]],
+) -> Result:
+    """What either backend writes for a track: the normalised texts and their provenance.
+
+    `identity` names the model and how it ran (model id, revision, dtype, device...);
+    `answers` maps each prompt to (text, tokens, why it stopped, seconds).
+    """
+    values = {KEY_PREFIX + name: normalize(text) for name, (text, _, _, _) in answers.items()}
+    provenance: dict[str, Any] = {
+        **identity,
+        "generation": generation_settings(cfg) | ({"track_seed": seed} if cfg.do_sample else {}),
+        "mode": mode,
+        "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "prompts": {
+            name: {"tokens": tokens, "stopped": stopped, "seconds": round(seconds, 4)}
+            for name, (_, tokens, stopped, seconds) in answers.items()
+        },
+    }
+    if warning:
+        provenance["truncated_audio"] = warning
+    return Result(values=values, provenance=provenance)
+
+
 @dataclass
 class Description:
     """One prompt's answer."""
@@ -247,25 +280,12 @@ class FlamingoAnalyzer(Analyzer):
         audio, warning = self.cap_duration(track.audio.mono_16k, truncated_before=track.audio.truncated)
         seed = track_seed(self.cfg.seed, track.name)
         run = self.describe(audio, seed=seed, cancel=track.cancel.is_set)
-        values = {KEY_PREFIX + name: normalize(d.text) for name, d in run.descriptions.items()}
-        provenance: dict[str, Any] = {
-            "model_id": self.cfg.model_id,
-            "revision": self.cfg.revision,
-            "dtype": self.cfg.dtype,
-            "device": str(self.device),
-            "attn_implementation": self.attn_implementation,
-            "generation": generation_settings(self.cfg) | ({"track_seed": seed} if self.cfg.do_sample else {}),
-            "mode": run.mode,
-            "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
-            "timings": {k: round(v, 4) for k, v in run.timings.items()},
-            "prompts": {
-                name: {"tokens": len(d.token_ids), "stopped": d.stopped, "seconds": round(d.seconds, 4)}
-                for name, d in run.descriptions.items()
-            },
-        }
-        if warning:
-            provenance["truncated_audio"] = warning
-        return Result(values=values, provenance=provenance)
+        identity = {"model_id": self.cfg.model_id, "revision": self.cfg.revision, "dtype": self.cfg.dtype,
+                    "device": str(self.device), "attn_implementation": self.attn_implementation}
+        return track_result(
+            self.cfg, identity, audio=audio, seed=seed, warning=warning, mode=run.mode, timings=run.timings,
+            answers={name: (d.text, len(d.token_ids), d.stopped, d.seconds) for name, d in run.descriptions.items()},
+        )
 
     def cap_duration(self, audio: np.ndarray, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
         return cap_audio(audio, self.processor.max_audio_len, truncated_before=truncated_before)

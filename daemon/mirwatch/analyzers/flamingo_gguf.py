@@ -31,15 +31,14 @@ import numpy as np
 from ..config import FlamingoConfig, FlamingoPrompt
 from ..llama_server import LlamaServer, LlamaServerError, ServerGone, find_llama_server
 from ..models.store import ModelStore
-from ..textnorm import normalize
 from .base import AnalysisError, Analyzer, Cancelled, ModelLoadError, Result, Track
 from .flamingo import (
-    KEY_PREFIX,
     SAMPLE_RATE,
     FlamingoAnalyzer,
     cap_audio,
     generation_settings,
     prompt_settings,
+    track_result,
     track_seed,
 )
 
@@ -171,26 +170,13 @@ class FlamingoGGUFAnalyzer(Analyzer):
         audio, warning = self.cap_duration(track.audio.mono_16k, truncated_before=track.audio.truncated)
         seed = track_seed(self.cfg.seed, track.name)
         run = self.describe(audio, seed=seed, cancel=track.cancel.is_set)
-        values = {KEY_PREFIX + name: normalize(a.text) for name, a in run.answers.items()}
-        provenance: dict[str, Any] = {
-            "model_id": GGUF_MODEL_ID,
-            "revision": self.model_name.rsplit("/", 1)[-1],
-            "dtype": self.cfg.gguf_quant,
-            "device": self._device,
-            "attn_implementation": "llama.cpp",
-            "generation": generation_settings(self.cfg) | ({"track_seed": seed} if self.cfg.do_sample else {}),
-            "mode": run.mode,
-            "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
-            "timings": {k: round(v, 4) for k, v in run.timings.items()},
-            "prompts": {
-                name: {"tokens": a.tokens, "stopped": a.stopped, "seconds": round(a.seconds, 4)}
-                for name, a in run.answers.items()
-            },
-            "backend": "gguf",
-        }
-        if warning:
-            provenance["truncated_audio"] = warning
-        return Result(values=values, provenance=provenance)
+        identity = {"model_id": GGUF_MODEL_ID, "revision": self.model_name.rsplit("/", 1)[-1],
+                    "dtype": self.cfg.gguf_quant, "device": self._device, "attn_implementation": "llama.cpp",
+                    "backend": "gguf"}
+        return track_result(
+            self.cfg, identity, audio=audio, seed=seed, warning=warning, mode=run.mode, timings=run.timings,
+            answers={name: (a.text, a.tokens, a.stopped, a.seconds) for name, a in run.answers.items()},
+        )
 
     def cap_duration(self, audio: np.ndarray, *, truncated_before: bool = False) -> tuple[np.ndarray, str | None]:
         return cap_audio(audio, self.cfg.gguf_max_audio_seconds, truncated_before=truncated_before)
